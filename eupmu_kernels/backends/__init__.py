@@ -1,0 +1,1 @@
+"""Kernel backends (torch, Triton, compiled extension) behind one contract: see ``base``."""

@@ -1,0 +1,77 @@
+"""Parameter buckets and the flat retain-gradient buffer.
+
+Parameters are grouped by (param group, device, dtype) into buckets of at most
+``max_numel`` elements (a parameter larger than that gets a bucket of its own). Each bucket owns
+one flat buffer for the retain gradient g_r, allocated on first use; ``retain_views[i]`` is a
+view of that buffer laid out exactly like parameter i (same shape and strides), so it can be
+installed as ``param.grad`` and autograd accumulates the retain gradient straight into the
+buffer: no copy, and never more than one extra gradient-sized buffer in total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from .validation import is_dense
+
+DEFAULT_BUCKET_NUMEL = 1 << 26
+
+
+@dataclass
+class Bucket:
+    group_index: int
+    device: torch.device
+    dtype: torch.dtype
+    params: list[Tensor] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    numel: int = 0
+    retain: Tensor | None = None
+    retain_views: list[Tensor] = field(default_factory=list)
+
+    def add(self, param: Tensor, name: str) -> None:
+        self.params.append(param)
+        self.names.append(name)
+        self.offsets.append(self.numel)
+        self.numel += param.numel()
+
+    def ensure_retain_buffer(self) -> Tensor:
+        """Allocate the flat retain buffer (zero-filled) and its per-parameter views once."""
+        if self.retain is None:
+            self.retain = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self.retain_views = [
+                torch.as_strided(self.retain, p.shape, p.stride(), off)
+                for p, off in zip(self.params, self.offsets)
+            ]
+        return self.retain
+
+    def release_retain_buffer(self) -> None:
+        self.retain = None
+        self.retain_views = []
+
+
+def build_buckets(param_groups: Iterable[dict], names: dict[int, str],
+                  max_numel: int = DEFAULT_BUCKET_NUMEL) -> list[Bucket]:
+    """Buckets in a deterministic order: by group, then by first appearance of (device, dtype)."""
+    if max_numel < 1:
+        raise ValueError(f"bucket_numel must be >= 1, got {max_numel}")
+    buckets: list[Bucket] = []
+    for gi, group in enumerate(param_groups):
+        open_buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+        for pi, p in enumerate(group["params"]):
+            name = names.get(id(p), f"group {gi} param #{pi}")
+            if not is_dense(p):
+                raise ValueError(f"parameter {name!r} is not dense (strides {p.stride()}); "
+                                 "EUPMU needs non-overlapping, dense parameters")
+            key = (p.device, p.dtype)
+            bucket = open_buckets.get(key)
+            if bucket is None or (bucket.numel > 0 and bucket.numel + p.numel() > max_numel):
+                bucket = Bucket(gi, p.device, p.dtype)
+                open_buckets[key] = bucket
+                buckets.append(bucket)
+            bucket.add(p, name)
+    return buckets

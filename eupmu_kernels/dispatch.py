@@ -1,0 +1,81 @@
+"""Backend selection.
+
+``backend=`` arguments accept "auto", "torch", "triton" or "cuda"; ``None`` means "use the
+``EUPMU_BACKEND`` environment variable, else auto". Auto order (SPEC section 6):
+CUDA tensors -> compiled extension if built -> Triton -> torch; CPU tensors -> compiled C++
+CPU kernels if built -> torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+
+import torch
+
+from .backends.base import KernelBackend
+
+BACKEND_ENV = "EUPMU_BACKEND"
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+
+_MODULES = {
+    "torch": ("eupmu_kernels.backends.torch_backend", "TorchBackend"),
+    "triton": ("eupmu_kernels.backends.triton_backend", "TritonBackend"),
+    "cuda": ("eupmu_kernels.backends.cuda_backend", "CudaBackend"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> KernelBackend | None:
+    module_name, class_name = _MODULES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return getattr(module, class_name)()
+
+
+def requested_backend(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    name = name.strip().lower()
+    if name not in BACKEND_NAMES:
+        source = "backend" if backend is not None else f"environment variable {BACKEND_ENV}"
+        raise ValueError(f"{source} must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process (on some device)."""
+    return [n for n in ("torch", "triton", "cuda") if (b := _load(n)) is not None and b.available()]
+
+
+def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> KernelBackend:
+    """The backend for one (device, dtype) group; ``name`` from :func:`requested_backend`."""
+    if name == "auto":
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cuda", "torch")
+        for candidate in order:
+            b = _load(candidate)
+            if b is not None and b.available() and b.supports(device, dtype):
+                return b
+        raise BackendUnavailableError(f"no backend supports {device.type} tensors of dtype {dtype}")
+    b = _load(name)
+    if b is None or not b.available():
+        raise BackendUnavailableError(_why_unavailable(name))
+    if not b.supports(device, dtype):
+        raise BackendUnavailableError(f"backend {name!r} does not support {device.type} tensors of dtype {dtype}")
+    return b
+
+
+def _why_unavailable(name: str) -> str:
+    if name == "cuda":
+        return ("backend 'cuda' needs the compiled extension eupmu_kernels._C, which is not built; "
+                "reinstall with EUPMU_BUILD_CUDA=1 (needs a CUDA build of torch and nvcc)")
+    if name == "triton":
+        return ("backend 'triton' needs the triton package and either CUDA tensors or "
+                "TRITON_INTERPRET=1 set before eupmu_kernels is imported")
+    return f"backend {name!r} is not available"

@@ -1,0 +1,55 @@
+"""Input checks that raise errors naming the offending tensor and the problem."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_gradient(grad: Tensor, param: Tensor, what: str) -> None:
+    """A gradient must be dense and match its parameter's shape, device and dtype."""
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise RuntimeError(f"{what} is a sparse gradient ({grad.layout}); EUPMU supports dense gradients only")
+    if grad.device != param.device:
+        raise RuntimeError(f"{what} is on {grad.device} but its parameter is on {param.device}")
+    if grad.dtype != param.dtype:
+        raise RuntimeError(f"{what} has dtype {grad.dtype} but its parameter has dtype {param.dtype}")
+    if grad.shape != param.shape:
+        raise RuntimeError(f"{what} has shape {tuple(grad.shape)} but its parameter has shape {tuple(param.shape)}")
+
+
+def check_pairs(a: Sequence[Tensor], b: Sequence[Tensor] | None, name_a: str, name_b: str) -> None:
+    """Two aligned tensor lists: same length, each pair on one device with one dtype and size."""
+    for i, x in enumerate(a):
+        if x.is_sparse or x.layout != torch.strided:
+            raise RuntimeError(f"{name_a}[{i}] is sparse ({x.layout}); only dense tensors are supported")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name_a}[{i}] has dtype {x.dtype}; expected a floating-point tensor")
+    if b is None:
+        return
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if y.is_sparse or y.layout != torch.strided:
+            raise RuntimeError(f"{name_b}[{i}] is sparse ({y.layout}); only dense tensors are supported")
+        if x.device != y.device:
+            raise RuntimeError(f"{name_b}[{i}] is on {y.device} but {name_a}[{i}] is on {x.device}")
+        if x.dtype != y.dtype:
+            raise TypeError(f"{name_b}[{i}] has dtype {y.dtype} but {name_a}[{i}] has dtype {x.dtype}")
+        if x.numel() != y.numel():
+            raise ValueError(f"{name_b}[{i}] has {y.numel()} elements but {name_a}[{i}] has {x.numel()}")
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the tensor covers exactly numel() consecutive elements."""
+    if t.numel() <= 1:
+        return True
+    pairs = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    expected = 1
+    for st, sz in pairs:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
