@@ -17,8 +17,13 @@ from .. import coefficients as _coef
 from .base import CA, CB, SKIP, RuleStateLists, StepHyper, SurgeryConfig
 
 
+def _opmath(t: Tensor) -> Tensor:
+    """float32 arithmetic for float32 and narrower storage; float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _dot(x: Tensor, y: Tensor) -> Tensor:
-    return torch.dot(x.reshape(-1).float(), y.reshape(-1).float())
+    return torch.dot(_opmath(x.reshape(-1)), _opmath(y.reshape(-1))).float()
 
 
 class TorchBackend:
@@ -67,9 +72,9 @@ class TorchBackend:
 
 
 def _direction(g_f: Tensor, g_r: Tensor | None, ca: Tensor, cb: Tensor) -> Tensor:
-    d = g_f.float() * ca
+    d = _opmath(g_f) * ca
     if g_r is not None:
-        d = d + g_r.float() * cb
+        d = d + _opmath(g_r) * cb
     return d
 
 
@@ -78,12 +83,12 @@ def _write(dst: Tensor, new: Tensor, keep: Tensor) -> None:
 
 
 def _sgd(p: Tensor, d: Tensor, buf: Tensor | None, step: Tensor, hp: StepHyper, keep: Tensor) -> None:
-    p32 = p.float()
+    p32 = _opmath(p)
     if hp.weight_decay != 0:
         d = d + hp.weight_decay * p32
     if buf is not None:
         first = step == 0
-        new_buf = torch.where(first, d, buf.float() * hp.momentum + (1.0 - hp.dampening) * d)
+        new_buf = torch.where(first, d, _opmath(buf) * hp.momentum + (1.0 - hp.dampening) * d)
         _write(buf, new_buf, keep)
         d = d + hp.momentum * new_buf if hp.nesterov else new_buf
     _write(p, p32 - hp.lr * d, keep)
@@ -91,17 +96,17 @@ def _sgd(p: Tensor, d: Tensor, buf: Tensor | None, step: Tensor, hp: StepHyper, 
 
 def _adam(p: Tensor, d: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, hp: StepHyper,
           keep: Tensor, decoupled: bool) -> None:
-    p32 = p.float()
+    p32 = _opmath(p)
     if hp.weight_decay != 0:
         if decoupled:
             p32 = p32 * (1.0 - hp.lr * hp.weight_decay)
         else:
             d = d + hp.weight_decay * p32
     t = step.double() + 1.0
-    bc1 = (1.0 - torch.pow(hp.beta1, t)).float()
-    bc2_sqrt = torch.sqrt(1.0 - torch.pow(hp.beta2, t)).float()
-    m = torch.lerp(exp_avg.float(), d, 1.0 - hp.beta1)
-    v = exp_avg_sq.float() * hp.beta2 + (1.0 - hp.beta2) * d * d
+    bc1 = (1.0 - torch.pow(hp.beta1, t)).to(p32.dtype)
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(hp.beta2, t)).to(p32.dtype)
+    m = torch.lerp(_opmath(exp_avg), d, 1.0 - hp.beta1)
+    v = _opmath(exp_avg_sq) * hp.beta2 + (1.0 - hp.beta2) * d * d
     denom = v.sqrt() / bc2_sqrt + hp.eps
     new_p = p32 - (hp.lr / bc1) * (m / denom)
     _write(exp_avg, m, keep)
