@@ -11,11 +11,12 @@ buffer: no copy, and never more than one extra gradient-sized buffer in total.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
+from .distributed import local_view
 from .validation import is_dense
 
 DEFAULT_BUCKET_NUMEL = 1 << 26
@@ -26,6 +27,7 @@ class Bucket:
     group_index: int
     device: torch.device
     dtype: torch.dtype
+    reduce_group: Any = None  # process group summing this bucket's partial Gramian (sharded params)
     params: list[Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
@@ -37,15 +39,15 @@ class Bucket:
         self.params.append(param)
         self.names.append(name)
         self.offsets.append(self.numel)
-        self.numel += param.numel()
+        self.numel += local_view(param).numel()
 
     def ensure_retain_buffer(self) -> Tensor:
         """Allocate the flat retain buffer (zero-filled) and its per-parameter views once."""
         if self.retain is None:
             self.retain = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            locals_ = [local_view(p) for p in self.params]
             self.retain_views = [
-                torch.as_strided(self.retain, p.shape, p.stride(), off)
-                for p, off in zip(self.params, self.offsets)
+                torch.as_strided(self.retain, t.shape, t.stride(), off) for t, off in zip(locals_, self.offsets)
             ]
         return self.retain
 
@@ -54,23 +56,26 @@ class Bucket:
         self.retain_views = []
 
 
-def build_buckets(param_groups: Iterable[dict], names: dict[int, str],
-                  max_numel: int = DEFAULT_BUCKET_NUMEL) -> list[Bucket]:
-    """Buckets in a deterministic order: by group, then by first appearance of (device, dtype)."""
+def build_buckets(param_groups: Iterable[dict], names: dict[int, str], max_numel: int = DEFAULT_BUCKET_NUMEL,
+                  reduce_group_of: Callable[[Tensor], Any] = lambda p: None) -> list[Bucket]:
+    """Buckets in a deterministic order: by group, then by first appearance of
+    (device, dtype, reduce group). Sizes and layouts are those of the rank-local tensors."""
     if max_numel < 1:
         raise ValueError(f"bucket_numel must be >= 1, got {max_numel}")
     buckets: list[Bucket] = []
     for gi, group in enumerate(param_groups):
-        open_buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+        open_buckets: dict[tuple, Bucket] = {}
         for pi, p in enumerate(group["params"]):
             name = names.get(id(p), f"group {gi} param #{pi}")
-            if not is_dense(p):
-                raise ValueError(f"parameter {name!r} is not dense (strides {p.stride()}); "
+            local = local_view(p)
+            if not is_dense(local):
+                raise ValueError(f"parameter {name!r} is not dense (strides {local.stride()}); "
                                  "EUPMU needs non-overlapping, dense parameters")
-            key = (p.device, p.dtype)
+            reduce_group = reduce_group_of(p)
+            key = (local.device, local.dtype, id(reduce_group))
             bucket = open_buckets.get(key)
-            if bucket is None or (bucket.numel > 0 and bucket.numel + p.numel() > max_numel):
-                bucket = Bucket(gi, p.device, p.dtype)
+            if bucket is None or (bucket.numel > 0 and bucket.numel + local.numel() > max_numel):
+                bucket = Bucket(gi, local.device, local.dtype, reduce_group)
                 open_buckets[key] = bucket
                 buckets.append(bucket)
             bucket.add(p, name)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from . import distributed as dist_util
 from .backends.base import CA, CB, CLIP, COS, LAM, RULES, SKIP, A, RuleStateLists, StepHyper
 from .buckets import DEFAULT_BUCKET_NUMEL, Bucket, build_buckets
 from .dual import DualConfig, LossWeighting, preset
@@ -67,7 +68,17 @@ class EUPMU(torch.optim.Optimizer):
             ``EUPMU_BACKEND`` environment variable, else auto.
         bucket_numel: maximal elements per bucket of the retain-gradient buffer.
         retain_grad_views: in explicit mode, :meth:`zero_grad` points each ``.grad`` at its view
-            of the retain buffer, so the retain backward pass writes g_r there with no copy.
+            of the retain buffer, so the retain backward pass writes g_r there with no copy
+            (plain tensors only; DTensor gradients are copied at :meth:`stash_retain_grad`).
+        process_group: for ZeRO-style sharded flat parameters: the group whose ranks each hold
+            a shard; the Gramian is all-reduced over it. DTensor (FSDP2) parameters need nothing:
+            their mesh says how they are sharded.
+        data_parallel_group: group over which the loss scalars driving the multiplier are
+            averaged; ``"auto"`` (default) uses the default group when more than one rank runs.
+        grad_scaler: the ``torch.amp.GradScaler`` driving this optimizer, if any. Needed in
+            explicit mode when ``scaler.unscale_(opt)`` is called before ``scaler.step(opt)``
+            (the retain buffer is then unscaled here), and lets a retain-gradient overflow back
+            off the scale like a forget-gradient overflow does.
     """
 
     _step_supports_amp_scaling = True
@@ -101,6 +112,9 @@ class EUPMU(torch.optim.Optimizer):
         backend: str | None = None,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         retain_grad_views: bool = True,
+        process_group: Any = None,
+        data_parallel_group: Any = "auto",
+        grad_scaler: Any = None,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -133,6 +147,9 @@ class EUPMU(torch.optim.Optimizer):
         self.backend = dispatch.requested_backend(backend)
         self.bucket_numel = bucket_numel
         self.retain_grad_views = retain_grad_views and mode == "explicit"
+        self.process_group = process_group
+        self.data_parallel_group = dist_util.resolve_data_parallel_group(data_parallel_group)
+        self.grad_scaler = grad_scaler
         self.dual_config: DualConfig = preset(
             dual,
             lr=dual_lr if dual_lr is not None else (0.025 if dual == "famo" else None),
@@ -152,7 +169,9 @@ class EUPMU(torch.optim.Optimizer):
         self._retain_captured = False  # a retain gradient was stashed since the last step
         self._retain_present: dict[int, bool] = {}
         self._armed = False  # .grad tensors currently point at the retain views
-        self._losses: tuple[Tensor, Tensor] | None = None  # (L_f, L_r) at theta_t, from combine()
+        self._losses: tuple[Tensor, Tensor] | None = None  # mean (L_f, L_r) at theta_t of the last step
+        self._loss_sum: Tensor | None = None  # (L_f, L_r) summed over this step's micro-batches
+        self._loss_count = 0
         self._pending_lr: float | None = None  # set by step(), consumed by the dual update
         self._stats: dict[str, Tensor] = {}
         self._skipped: Tensor | None = None
@@ -173,7 +192,8 @@ class EUPMU(torch.optim.Optimizer):
 
     def _get_buckets(self) -> list[Bucket]:
         if self._buckets is None:
-            self._buckets = build_buckets(self.param_groups, self._param_names, self.bucket_numel)
+            self._buckets = build_buckets(self.param_groups, self._param_names, self.bucket_numel,
+                                          lambda p: dist_util.shard_group(p, self.process_group))
         return self._buckets
 
     def _name(self, p: Tensor) -> str:
@@ -208,7 +228,7 @@ class EUPMU(torch.optim.Optimizer):
         for bucket in self._get_buckets():
             bucket.ensure_retain_buffer()
             for p, view in zip(bucket.params, bucket.retain_views):
-                if p.requires_grad and p.grad is None:
+                if p.requires_grad and p.grad is None and not dist_util.is_dtensor(p):
                     p.grad = view
         self._armed = True
 
@@ -238,7 +258,8 @@ class EUPMU(torch.optim.Optimizer):
                 if grad is view:  # armed: the backward pass already wrote into the buffer
                     self._retain_present[id(p)] = True
                 elif grad is not None:
-                    check_gradient(grad, p, f"retain gradient of parameter {self._name(p)!r}")
+                    grad = dist_util.local_view(grad)
+                    check_gradient(grad, dist_util.local_view(p), f"retain gradient of parameter {self._name(p)!r}")
                     if first and not self._armed:
                         view.copy_(grad)
                     else:
@@ -268,13 +289,15 @@ class EUPMU(torch.optim.Optimizer):
                 bucket.retain.zero_()
             for p, view in zip(bucket.params, bucket.retain_views):
                 held[id(p)] = p.grad
-                p.grad = view if p.requires_grad else None
+                p.grad = view if p.requires_grad and not dist_util.is_dtensor(p) else None
         self._retain_captured = True
         try:
             yield
         finally:
             for bucket in self._get_buckets():
-                for p in bucket.params:
+                for p, view in zip(bucket.params, bucket.retain_views):
+                    if dist_util.is_dtensor(p) and p.grad is not None:  # sharded grads arrive as new tensors
+                        view.add_(dist_util.local_view(p.grad))
                     self._retain_present[id(p)] = self._retain_present.get(id(p), False) or p.requires_grad
                     p.grad = held.get(id(p))
 
@@ -291,7 +314,9 @@ class EUPMU(torch.optim.Optimizer):
             raise ValueError("combine() expects scalar losses")
         if self._pending_lr is not None and self._losses is not None:
             self._dual_step(retain_loss, forget_loss)
-        self._losses = (forget_loss.detach(), retain_loss.detach())
+        observed = torch.stack([forget_loss.detach(), retain_loss.detach()]).float()
+        self._loss_sum = observed if self._loss_count == 0 else self._loss_sum + observed
+        self._loss_count += 1
         return self.weighting.objective(forget_loss, retain_loss)
 
     def update_dual(self, retain_loss_after: Tensor, forget_loss_after: Tensor | None = None) -> None:
@@ -303,8 +328,11 @@ class EUPMU(torch.optim.Optimizer):
 
     def _dual_step(self, retain_after: Tensor, forget_after: Tensor | None) -> None:
         assert self._losses is not None and self._pending_lr is not None
-        after = (None if forget_after is None else forget_after.detach(), retain_after.detach())
-        self.weighting.update(self._losses, after, self._pending_lr)
+        group = self.data_parallel_group
+        before = dist_util.mean_over_ranks(torch.stack(self._losses), group)
+        r1 = dist_util.mean_over_ranks(retain_after.detach().float().reshape(()), group)
+        f1 = None if forget_after is None else dist_util.mean_over_ranks(forget_after.detach().float().reshape(()), group)
+        self.weighting.update((before[0], before[1]), (f1, r1), self._pending_lr)
         self._pending_lr = None
 
     @property
@@ -326,18 +354,45 @@ class EUPMU(torch.optim.Optimizer):
         work = self._collect()
         if not work:
             return loss
+        self._unscale_retain_after_prior_unscale()
         coef, gram = self._coefficients(work)
         for bucket, idx, grads_f, grads_r in work:
             backend = dispatch.get_backend(self.backend, bucket.device, bucket.dtype)
             params = [bucket.params[i] for i in idx]
             state, hp = self._rule_state(bucket, params)
+            params = [dist_util.local_view(p) for p in params]
             backend.step_(self.rule, params, grads_f, grads_r, state, coef.to(bucket.device, non_blocking=True), hp)
         self._record_stats(gram, coef)
+        self._report_overflow_to_scaler(coef)
         self._retain_captured = False
         self._retain_present = {}
-        if self.mode == "implicit" and self._losses is not None:
+        if self.mode == "implicit" and self._loss_count > 0:
+            self._losses = tuple(self._loss_sum / self._loss_count)  # type: ignore[assignment]
+            self._loss_count = 0
             self._pending_lr = float(self.param_groups[0]["lr"])
         return loss
+
+    def _unscale_retain_after_prior_unscale(self) -> None:
+        """GradScaler with a prior ``scaler.unscale_(opt)``: g_f is unscaled, g_r not yet."""
+        if self.mode != "explicit" or getattr(self, "found_inf", None) is None:
+            return
+        if getattr(self, "grad_scale", None) is not None:
+            return  # both gradients are still scaled: the coefficients unscale them together
+        if self.grad_scaler is None:
+            raise RuntimeError("scaler.unscale_(optimizer) unscaled only .grad (the forget gradient); pass "
+                               "grad_scaler=scaler to EUPMU so the stashed retain gradient is unscaled too")
+        inv_scale = self.grad_scaler._scale.double().reciprocal().float()
+        for bucket in self._get_buckets():
+            if bucket.retain is not None:
+                bucket.retain.mul_(inv_scale.to(bucket.device))
+
+    def _report_overflow_to_scaler(self, coef: Tensor) -> None:
+        """Let a non-finite retain gradient back off the GradScaler's scale (it only checks .grad)."""
+        if self.grad_scaler is None or getattr(self, "found_inf", None) is None:
+            return
+        per_device = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        for device, flag in per_device.items():
+            flag.copy_(torch.maximum(flag, coef[SKIP].to(device=flag.device, dtype=flag.dtype)))
 
     def _collect(self) -> list[tuple[Bucket, list[int], list[Tensor], list[Tensor] | None]]:
         """Per bucket: indices of participating parameters, their g_f and (explicit) g_r lists."""
@@ -350,10 +405,12 @@ class EUPMU(torch.optim.Optimizer):
                 has_retain = explicit and self._retain_present.get(id(p), False)
                 if grad is None and not has_retain:
                     continue
+                local = dist_util.local_view(p)
                 if grad is None:
-                    grad = torch.zeros_like(p)
+                    grad = torch.zeros_like(local)
                 else:
-                    check_gradient(grad, p, f"gradient of parameter {self._name(p)!r}")
+                    grad = dist_util.local_view(grad)
+                    check_gradient(grad, local, f"gradient of parameter {self._name(p)!r}")
                 idx.append(i)
                 grads_f.append(grad)
                 if explicit:
@@ -371,12 +428,24 @@ class EUPMU(torch.optim.Optimizer):
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         need_gram = self.mode == "explicit" or cfg.max_norm is not None or self.skip_nonfinite
         if need_gram:
-            parts = [dispatch.get_backend(self.backend, b.device, b.dtype).gramian(gf, gr)
-                     for b, _, gf, gr in work]
-            gram = sum_gramians(parts)
+            gram = self._global_gramian(work)
         else:
             gram = torch.zeros(3, dtype=torch.float32, device=first_bucket.device)
         return backend.coefficients(gram, cfg, inv_scale, found_inf), (gram if need_gram else None)
+
+    def _global_gramian(self, work) -> Tensor:
+        """Sum of bucket Gramians; partial sums of sharded buckets are all-reduced per group."""
+        local_parts: list[Tensor] = []
+        sharded: dict[int, tuple[Any, list[Tensor]]] = {}
+        for bucket, _, grads_f, grads_r in work:
+            part = dispatch.get_backend(self.backend, bucket.device, bucket.dtype).gramian(grads_f, grads_r)
+            if bucket.reduce_group is None:
+                local_parts.append(part)
+            else:
+                sharded.setdefault(id(bucket.reduce_group), (bucket.reduce_group, []))[1].append(part)
+        for group, parts in sharded.values():
+            local_parts.append(dist_util.all_reduce_sum_(sum_gramians(parts).clone(), group))
+        return sum_gramians(local_parts)
 
     def _rule_state(self, bucket: Bucket, params: list[Tensor]) -> tuple[RuleStateLists, StepHyper]:
         group = self.param_groups[bucket.group_index]
@@ -386,12 +455,13 @@ class EUPMU(torch.optim.Optimizer):
             if "step" not in st:
                 self._init_state(p, st, group)
             lists.step.append(st["step"])
+            local = dist_util.local_view
             if self.rule == "sgd":
                 if group["momentum"] != 0:
-                    lists.momentum_buffer.append(st["momentum_buffer"])
+                    lists.momentum_buffer.append(local(st["momentum_buffer"]))
             else:
-                lists.exp_avg.append(st["exp_avg"])
-                lists.exp_avg_sq.append(st["exp_avg_sq"])
+                lists.exp_avg.append(local(st["exp_avg"]))
+                lists.exp_avg_sq.append(local(st["exp_avg_sq"]))
         lr = group["lr"]
         if isinstance(lr, Tensor):
             raise TypeError("EUPMU takes a float learning rate; a Tensor lr is not supported")
