@@ -12,7 +12,6 @@ Collectives here are issued on the device stream; nothing reads a value back to 
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

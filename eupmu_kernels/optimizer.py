@@ -253,7 +253,7 @@ class EUPMU(torch.optim.Optimizer):
         first = not self._retain_captured
         for bucket in self._get_buckets():
             bucket.ensure_retain_buffer()
-            for i, (p, view) in enumerate(zip(bucket.params, bucket.retain_views)):
+            for p, view in zip(bucket.params, bucket.retain_views):
                 grad = p.grad
                 if grad is view:  # armed: the backward pass already wrote into the buffer
                     self._retain_present[id(p)] = True
@@ -331,7 +331,9 @@ class EUPMU(torch.optim.Optimizer):
         group = self.data_parallel_group
         before = dist_util.mean_over_ranks(torch.stack(self._losses), group)
         r1 = dist_util.mean_over_ranks(retain_after.detach().float().reshape(()), group)
-        f1 = None if forget_after is None else dist_util.mean_over_ranks(forget_after.detach().float().reshape(()), group)
+        f1 = None
+        if forget_after is not None:
+            f1 = dist_util.mean_over_ranks(forget_after.detach().float().reshape(()), group)
         self.weighting.update((before[0], before[1]), (f1, r1), self._pending_lr)
         self._pending_lr = None
 
@@ -391,7 +393,7 @@ class EUPMU(torch.optim.Optimizer):
         if self.grad_scaler is None or getattr(self, "found_inf", None) is None:
             return
         per_device = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
-        for device, flag in per_device.items():
+        for flag in per_device.values():
             flag.copy_(torch.maximum(flag, coef[SKIP].to(device=flag.device, dtype=flag.dtype)))
 
     def _collect(self) -> list[tuple[Bucket, list[int], list[Tensor], list[Tensor] | None]]:
@@ -486,7 +488,8 @@ class EUPMU(torch.optim.Optimizer):
         if self.skip_nonfinite or getattr(self, "found_inf", None) is not None:
             self._skipped.add_(coef[SKIP])
         self._stats = {"coefficients": torch.stack([coef[A], coef[LAM]]), "lambda": coef[LAM],
-                       "clip": coef[CLIP], "skipped": self._skipped, "direction_scale": torch.stack([coef[CA], coef[CB]])}
+                       "clip": coef[CLIP], "skipped": self._skipped,
+                       "direction_scale": torch.stack([coef[CA], coef[CB]])}
         if gram is not None:
             self._stats["gramian"] = gram
             self._stats["cos"] = coef[COS]

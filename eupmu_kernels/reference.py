@@ -223,7 +223,7 @@ def famo_weights(st: FamoState) -> list[float]:
 
 def famo_objective(losses: list[float], st: FamoState, lower_bounds=(0.0, 0.0)) -> float:
     z = famo_weights(st)
-    dd = [l - m + LOG_OFFSET for l, m in zip(losses, lower_bounds)]
+    dd = [loss - m + LOG_OFFSET for loss, m in zip(losses, lower_bounds)]
     c = sum(zi / di for zi, di in zip(z, dd))
     return sum(zi * math.log(di) for zi, di in zip(z, dd)) / c
 
