@@ -20,6 +20,7 @@ from .distributed import local_view
 from .validation import is_dense
 
 DEFAULT_BUCKET_NUMEL = 1 << 26
+VIEW_ALIGN_BYTES = 16
 
 
 @dataclass
@@ -36,15 +37,18 @@ class Bucket:
     retain_views: list[Tensor] = field(default_factory=list)
 
     def add(self, param: Tensor, name: str) -> None:
+        # Start every view on a 16-byte boundary so vectorised kernels can use aligned loads.
+        align = max(1, VIEW_ALIGN_BYTES // self.dtype.itemsize)
+        start = -(-self.numel // align) * align
         self.params.append(param)
         self.names.append(name)
-        self.offsets.append(self.numel)
-        self.numel += local_view(param).numel()
+        self.offsets.append(start)
+        self.numel = start + local_view(param).numel()
 
     def ensure_retain_buffer(self) -> Tensor:
         """Allocate the flat retain buffer (zero-filled) and its per-parameter views once."""
         if self.retain is None:
-            self.retain = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self.retain = torch.zeros(self.numel, dtype=self.dtype, device=self.device)  # padding stays zero
             locals_ = [local_view(p) for p in self.params]
             self.retain_views = [
                 torch.as_strided(self.retain, t.shape, t.stride(), off) for t, off in zip(locals_, self.offsets)

@@ -119,7 +119,8 @@ def test_retain_gradient_is_captured_without_copy():
     opt.zero_grad()
     buffers = [b.retain for b in opt._buckets]
     total = sum(b.numel() for b in buffers)
-    assert total == sum(p.numel() for p in model.parameters())  # exactly one gradient-sized buffer
+    numel = sum(p.numel() for p in model.parameters())
+    assert numel <= total <= numel + 4 * len(list(model.parameters()))  # one gradient-sized buffer (+ alignment)
     for p in model.parameters():
         base = p.grad._base if p.grad._base is not None else p.grad
         assert any(base is buf for buf in buffers), "grad should be a view of the retain buffer"

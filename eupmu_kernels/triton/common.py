@@ -1,0 +1,29 @@
+"""Constants shared by the Triton kernels.
+
+Every block kernel has two paths, chosen per block by ``block_fast`` of the table (see
+``tables``): the fast path (a full block of 16-byte aligned tensors: loads and stores without a
+mask, pointers hinted as 16-byte aligned, so the compiler can vectorise them) and the general
+path (masked, no hint). The body of a kernel is one ``@triton.jit`` function called with
+``FAST=True, mask=None, other=None`` or ``FAST=False, mask, other=0.0``; the hint is applied to
+pointers created inside the ``FAST=True`` specialisation only, so the general path never
+inherits it. (Bodies are written out rather than split into many small helpers: the
+interpreter pays about a millisecond per nested call.)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from ..backends.base import SKIP
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Largest finite float32: |x| <= FLT_MAX is false exactly for inf and nan.
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+SKIP_SLOT: tl.constexpr = tl.constexpr(SKIP)
+ALIGN: tl.constexpr = tl.constexpr(16)
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    return TL_DTYPES[dtype]
