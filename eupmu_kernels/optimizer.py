@@ -259,7 +259,8 @@ class EUPMU(torch.optim.Optimizer):
                     self._retain_present[id(p)] = True
                 elif grad is not None:
                     grad = dist_util.local_view(grad)
-                    check_gradient(grad, dist_util.local_view(p), f"retain gradient of parameter {self._name(p)!r}")
+                    check_gradient(grad, dist_util.local_view(p),
+                                   lambda p=p: f"retain gradient of parameter {self._name(p)!r}")
                     if first and not self._armed:
                         view.copy_(grad)
                     else:
@@ -412,7 +413,7 @@ class EUPMU(torch.optim.Optimizer):
                     grad = torch.zeros_like(local)
                 else:
                     grad = dist_util.local_view(grad)
-                    check_gradient(grad, local, f"gradient of parameter {self._name(p)!r}")
+                    check_gradient(grad, local, lambda p=p: f"gradient of parameter {self._name(p)!r}")
                 idx.append(i)
                 grads_f.append(grad)
                 if explicit:

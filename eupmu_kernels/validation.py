@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 
-def check_gradient(grad: Tensor, param: Tensor, what: str) -> None:
-    """A gradient must be dense and match its parameter's shape, device and dtype."""
+def check_gradient(grad: Tensor, param: Tensor, describe: Callable[[], str]) -> None:
+    """A gradient must be dense and match its parameter's shape, device and dtype.
+
+    ``describe()`` names the gradient; it is only called when the check fails.
+    """
+    if (grad.layout == torch.strided and grad.device == param.device and grad.dtype == param.dtype
+            and grad.shape == param.shape):
+        return
+    what = describe()
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(f"{what} is a sparse gradient ({grad.layout}); EUPMU supports dense gradients only")
     if grad.device != param.device:

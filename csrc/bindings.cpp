@@ -1,0 +1,93 @@
+// Python module eupmu_kernels._C: the kernel contract of eupmu_kernels/backends/base.py, routed
+// to the CUDA or the CPU implementation by the tensors' device.
+#include <torch/extension.h>
+
+#include "device_ops.h"
+
+namespace eupmu {
+namespace {
+
+bool on_cuda(const at::Tensor& t) { return t.is_cuda(); }
+
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
+  TORCH_CHECK(!a.empty(), "gramian: the tensor list is empty");
+  return on_cuda(a[0]) ? cuda_ops::gramian(a, b) : cpu_ops::gramian(a, b);
+}
+
+at::Tensor coefficients(const at::Tensor& gram, int64_t method, double eps, double alpha,
+                        std::optional<double> max_norm, const std::optional<at::Tensor>& inv_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(method >= kUngrad && method <= kMethodNone, "unknown surgery method code ", method);
+  CoefficientArgs args;
+  args.spec = SurgerySpec{static_cast<int>(method), static_cast<float>(eps), static_cast<float>(alpha),
+                          static_cast<float>(max_norm.value_or(0.0)), max_norm.has_value() ? 1 : 0};
+  args.inv_scale = inv_scale;
+  args.found_inf = found_inf;
+  return on_cuda(gram) ? cuda_ops::coefficients(gram, args) : cpu_ops::coefficients(gram, args);
+}
+
+void combine(const TensorList& grads_f, const std::optional<TensorList>& grads_r, const at::Tensor& coef) {
+  TORCH_CHECK(!grads_f.empty(), "combine_: grads_f is empty");
+  if (on_cuda(grads_f[0])) {
+    cuda_ops::combine(grads_f, grads_r, coef);
+  } else {
+    cpu_ops::combine(grads_f, grads_r, coef);
+  }
+}
+
+std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorList& grads_f,
+                          const std::optional<TensorList>& grads_r, const TensorList& steps,
+                          const TensorList& exp_avg, const TensorList& exp_avg_sq,
+                          const TensorList& momentum_buffer, const at::Tensor& coef, double lr, double beta1,
+                          double beta2, double eps, double weight_decay, double momentum, double dampening,
+                          bool nesterov) {
+  if (params.empty()) return {};
+  UpdateRequest req;
+  req.rule = static_cast<int>(rule);
+  req.params = params;
+  req.grads_f = grads_f;
+  req.grads_r = grads_r;
+  req.steps = steps;
+  req.exp_avg = exp_avg;
+  req.exp_avg_sq = exp_avg_sq;
+  req.momentum_buffer = momentum_buffer;
+  req.lr = lr;
+  req.beta1 = beta1;
+  req.beta2 = beta2;
+  req.eps = eps;
+  req.weight_decay = weight_decay;
+  req.momentum = momentum;
+  req.dampening = dampening;
+  req.nesterov = nesterov;
+  return on_cuda(params[0]) ? cuda_ops::step(req, coef) : cpu_ops::step(req, coef);
+}
+
+}  // namespace
+}  // namespace eupmu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using py::arg;
+  m.doc() = "EUPMU surgery kernels: Gramian, coefficients, combine and fused updates (CUDA and C++ CPU)";
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  m.def("gramian", &eupmu::gramian, nogil, arg("a"), arg("b") = py::none(),
+        "float32[3] (<a,a>, <a,b>, <b,b>) over a tensor list of one dtype and device (deterministic)");
+  m.def("coefficients", &eupmu::coefficients, nogil, arg("gram"), arg("method"), arg("eps"), arg("alpha"),
+        arg("max_norm") = py::none(), arg("inv_scale") = py::none(), arg("found_inf") = py::none(),
+        "the float32[8] coefficient vector from a Gramian, computed on the Gramian's device");
+  m.def("combine_", &eupmu::combine, nogil, arg("grads_f"), arg("grads_r"), arg("coef"),
+        "g_f <- ca*g_f + cb*g_r in place unless coef[skip] is set");
+  m.def("step_", &eupmu::step, nogil, arg("rule"), arg("params"), arg("grads_f"), arg("grads_r"), arg("steps"),
+        arg("exp_avg"), arg("exp_avg_sq"), arg("momentum_buffer"), arg("coef"), arg("lr"), arg("beta1"),
+        arg("beta2"), arg("eps"), arg("weight_decay"), arg("momentum"), arg("dampening"), arg("nesterov"),
+        "fused combine + update in place; returns the indices it left to the caller (unsupported layouts)");
+
+  m.def("has_cuda_kernels", []() { return true; }, "whether the CUDA kernels were compiled in");
+  m.def("cuda_chunk_numel", &eupmu::cuda_ops::chunk_numel);
+  m.def("cpu_chunk_numel", &eupmu::cpu_ops::chunk_numel);
+  m.def("cpu_isa", &eupmu::cpu_ops::active_isa, "the CPU kernel variant in use");
+  m.def("set_cpu_isa", &eupmu::cpu_ops::select_isa, arg("isa"),
+        "use another CPU kernel variant: 'auto' or one of cpu_isas()");
+  m.def("cpu_isas", &eupmu::cpu_ops::supported_isas, "CPU kernel variants this machine can run, best first");
+}

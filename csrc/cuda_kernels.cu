@@ -1,0 +1,413 @@
+// CUDA kernels over tensor lists (see cuda_kernels.h for the metadata layout). float32 math for
+// every storage dtype; 16-byte vector accesses where every pointer of a chunk is aligned, element
+// accesses otherwise.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_kernels.h"
+
+namespace eupmu {
+namespace cuda {
+namespace {
+
+constexpr int kBlock = 512;
+constexpr int kCleanupBlock = 256;
+constexpr int kStepBlock = 128;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+
+template <>
+struct Storage<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+
+template <>
+struct Storage<__half> {
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_pack(const T* ptr, float (&out)[N]) {
+  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(ptr);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = Storage<T>::load(pack.v[k]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* ptr, const float (&in)[N]) {
+  Pack<T, N> pack;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pack.v[k] = Storage<T>::store(in[k]);
+  *reinterpret_cast<Pack<T, N>*>(ptr) = pack;
+}
+
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+struct Chunk {
+  int tensor;
+  int64_t start;
+  int n;
+};
+
+__device__ __forceinline__ Chunk chunk_of(const LaunchMeta& m, int rows, int64_t c) {
+  const int64_t t_count = m.ntensors;
+  const int64_t* table = m.data + (rows + 1) * t_count;
+  Chunk ch;
+  ch.tensor = static_cast<int>(table[c]);
+  ch.start = table[m.nchunks + c];
+  const int64_t left = m.data[rows * t_count + ch.tensor] - ch.start;
+  ch.n = static_cast<int>(left < kChunk ? left : kChunk);
+  return ch;
+}
+
+template <typename T>
+__device__ __forceinline__ T* row_ptr(const LaunchMeta& m, int row, int tensor) {
+  return reinterpret_cast<T*>(m.data[static_cast<int64_t>(row) * m.ntensors + tensor]);
+}
+
+// Sums (x, y, z) over the block in a fixed order; thread 0 holds the result. blockDim.x must be
+// a multiple of 32 and at most 1024.
+template <typename V>
+__device__ __forceinline__ void block_sum3(V& x, V& y, V& z) {
+  __shared__ V partial[3 * 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x += __shfl_down_sync(kFullMask, x, offset);
+    y += __shfl_down_sync(kFullMask, y, offset);
+    z += __shfl_down_sync(kFullMask, z, offset);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    partial[3 * warp] = x;
+    partial[3 * warp + 1] = y;
+    partial[3 * warp + 2] = z;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x >> 5;
+    x = lane < warps ? partial[3 * lane] : V(0);
+    y = lane < warps ? partial[3 * lane + 1] : V(0);
+    z = lane < warps ? partial[3 * lane + 2] : V(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      x += __shfl_down_sync(kFullMask, x, offset);
+      y += __shfl_down_sync(kFullMask, y, offset);
+      z += __shfl_down_sync(kFullMask, z, offset);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ Gramian
+
+template <typename T, bool kHasB>
+__global__ void __launch_bounds__(kBlock) gram_chunks_kernel(LaunchMeta m, float* __restrict__ slots) {
+  const int64_t c = blockIdx.x;
+  const Chunk ch = chunk_of(m, kGramRows, c);
+  const T* __restrict__ a = row_ptr<const T>(m, 0, ch.tensor) + ch.start;
+  const T* __restrict__ b = kHasB ? row_ptr<const T>(m, 1, ch.tensor) + ch.start : nullptr;
+  constexpr int N = 16 / sizeof(T);
+  float aa = 0.0f, ab = 0.0f, bb = 0.0f;
+  int done = 0;
+  if (aligned_to(a, 16) && (!kHasB || aligned_to(b, 16))) {
+    const int packs = ch.n / N;
+#pragma unroll 2
+    for (int v = threadIdx.x; v < packs; v += blockDim.x) {
+      float x[N];
+      load_pack<T, N>(a + v * N, x);
+      if constexpr (kHasB) {
+        float y[N];
+        load_pack<T, N>(b + v * N, y);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          aa += x[k] * x[k];
+          ab += x[k] * y[k];
+          bb += y[k] * y[k];
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) aa += x[k] * x[k];
+      }
+    }
+    done = packs * N;
+  }
+  for (int i = done + threadIdx.x; i < ch.n; i += blockDim.x) {
+    const float x = Storage<T>::load(a[i]);
+    aa += x * x;
+    if constexpr (kHasB) {
+      const float y = Storage<T>::load(b[i]);
+      ab += x * y;
+      bb += y * y;
+    }
+  }
+  block_sum3(aa, ab, bb);
+  if (threadIdx.x == 0) {
+    slots[3 * c] = aa;
+    slots[3 * c + 1] = ab;
+    slots[3 * c + 2] = bb;
+  }
+}
+
+// One block: every thread sums a fixed strided subset of the slots in double, then the block
+// tree. No atomics, so the result depends only on the inputs.
+__global__ void __launch_bounds__(kCleanupBlock)
+    gram_cleanup_kernel(const float* __restrict__ slots, int64_t nslots, float* __restrict__ out) {
+  double x = 0.0, y = 0.0, z = 0.0;
+  for (int64_t s = threadIdx.x; s < nslots; s += blockDim.x) {
+    x += slots[3 * s];
+    y += slots[3 * s + 1];
+    z += slots[3 * s + 2];
+  }
+  block_sum3(x, y, z);
+  if (threadIdx.x == 0) {
+    out[0] = static_cast<float>(x);
+    out[1] = static_cast<float>(y);
+    out[2] = static_cast<float>(z);
+  }
+}
+
+template <typename T>
+void gram_kernels(bool has_b, const LaunchMeta& m, float* slots, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(m.nchunks));
+  if (has_b) {
+    gram_chunks_kernel<T, true><<<grid, kBlock, 0, stream>>>(m, slots);
+  } else {
+    gram_chunks_kernel<T, false><<<grid, kBlock, 0, stream>>>(m, slots);
+  }
+}
+
+// ------------------------------------------------------------------------------ coefficients
+
+__global__ void coefficients_kernel(const float* gram, SurgerySpec spec, const float* inv_scale,
+                                    const float* found_inf, float* out) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) compute_coefficients(gram, spec, inv_scale, found_inf, out);
+}
+
+// ------------------------------------------------------------------------------ combine
+
+// One block's chunk of g_f <- ca*g_f (+ cb*g_r when kReadGr).
+template <typename T, bool kReadGr>
+__device__ __forceinline__ void combine_chunk(const LaunchMeta& m, float ca, float cb) {
+  const Chunk ch = chunk_of(m, kCombineRows, blockIdx.x);
+  T* __restrict__ gf = row_ptr<T>(m, 0, ch.tensor) + ch.start;
+  const T* __restrict__ gr = kReadGr ? row_ptr<const T>(m, 1, ch.tensor) + ch.start : nullptr;
+  constexpr int N = 16 / sizeof(T);
+  int done = 0;
+  if (aligned_to(gf, 16) && (!kReadGr || aligned_to(gr, 16))) {
+    const int packs = ch.n / N;
+    for (int v = threadIdx.x; v < packs; v += blockDim.x) {
+      float g[N];
+      load_pack<T, N>(gf + v * N, g);
+      if constexpr (kReadGr) {
+        float r[N];
+        load_pack<T, N>(gr + v * N, r);
+#pragma unroll
+        for (int k = 0; k < N; ++k) g[k] = ca * g[k] + cb * r[k];
+      } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) g[k] = ca * g[k];
+      }
+      store_pack<T, N>(gf + v * N, g);
+    }
+    done = packs * N;
+  }
+  for (int i = done + threadIdx.x; i < ch.n; i += blockDim.x) {
+    float g = ca * Storage<T>::load(gf[i]);
+    if constexpr (kReadGr) g = g + cb * Storage<T>::load(gr[i]);
+    gf[i] = Storage<T>::store(g);
+  }
+}
+
+template <typename T, bool kHasGr>
+__global__ void __launch_bounds__(kBlock) combine_chunks_kernel(LaunchMeta m, const float* __restrict__ coef) {
+  if (coef[kSkip] != 0.0f) return;
+  const float ca = coef[kCa], cb = coef[kCb];
+  if (kHasGr && cb != 0.0f) {
+    combine_chunk<T, true>(m, ca, cb);
+  } else {  // cb == 0: g_r is not needed (see update_chunks_kernel)
+    combine_chunk<T, false>(m, ca, cb);
+  }
+}
+
+template <typename T>
+void combine_kernels(bool has_gr, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(m.nchunks));
+  if (has_gr) {
+    combine_chunks_kernel<T, true><<<grid, kBlock, 0, stream>>>(m, coef);
+  } else {
+    combine_chunks_kernel<T, false><<<grid, kBlock, 0, stream>>>(m, coef);
+  }
+}
+
+// ------------------------------------------------------------------------------ fused update
+
+// One element of the update: d from (g, r), then the rule on (p, s1, s2).
+template <UpdateKind K, bool kHasGr>
+__device__ __forceinline__ void update_element(float& p, float g, float r, float& s1, float& s2, float ca, float cb,
+                                               const RuleHyper& h, const StepConsts& c, DecayMode wd) {
+  float d = ca * g;
+  if constexpr (kHasGr) d = d + cb * r;
+  if constexpr (K == UpdateKind::kAdam) {
+    adam_element<true>(p, d, s1, s2, h, c, wd);
+  } else if constexpr (K == UpdateKind::kSgdMomentum) {
+    sgd_momentum_element(p, d, s1, h, c, wd);
+  } else {
+    sgd_plain_element(p, d, h, wd);
+  }
+}
+
+template <typename P, typename S, UpdateKind K, bool kHasGr>
+__global__ void __launch_bounds__(kBlock)
+    update_chunks_kernel(LaunchMeta m, const float* __restrict__ coef, RuleHyper h, DecayMode wd) {
+  if (coef[kSkip] != 0.0f) return;
+  const float ca = coef[kCa], cb = coef[kCb];
+  const Chunk ch = chunk_of(m, kUpdateRows, blockIdx.x);
+  constexpr bool kHasS1 = K != UpdateKind::kSgdPlain;
+  constexpr bool kHasS2 = K == UpdateKind::kAdam;
+  P* __restrict__ p = row_ptr<P>(m, 0, ch.tensor) + ch.start;
+  const P* __restrict__ gf = row_ptr<const P>(m, 1, ch.tensor) + ch.start;
+  // With cb == 0 (no conflict) d is ca*g_f alone: g_r is not read. When coef comes from this
+  // step's Gramian, a non-finite g_r has already made it a skipped step.
+  const bool read_gr = kHasGr && cb != 0.0f;
+  const P* __restrict__ gr = kHasGr ? row_ptr<const P>(m, 2, ch.tensor) + ch.start : nullptr;
+  S* __restrict__ s1 = kHasS1 ? row_ptr<S>(m, 3, ch.tensor) + ch.start : nullptr;
+  S* __restrict__ s2 = kHasS2 ? row_ptr<S>(m, 4, ch.tensor) + ch.start : nullptr;
+  const StepConsts c = step_consts(h, *row_ptr<const float>(m, kStepRow, ch.tensor));
+
+  constexpr int N = 16 / sizeof(P);
+  constexpr unsigned kStateBytes = N * sizeof(S);
+  const bool vectorised = aligned_to(p, 16) && aligned_to(gf, 16) && (!kHasGr || aligned_to(gr, 16)) &&
+                          (!kHasS1 || aligned_to(s1, kStateBytes)) && (!kHasS2 || aligned_to(s2, kStateBytes));
+  int done = 0;
+  if (vectorised) {
+    const int packs = ch.n / N;
+    for (int v = threadIdx.x; v < packs; v += blockDim.x) {
+      const int off = v * N;
+      float pv[N], gv[N], rv[N] = {}, m1[N] = {}, m2[N] = {};
+      load_pack<P, N>(p + off, pv);
+      load_pack<P, N>(gf + off, gv);
+      if (read_gr) load_pack<P, N>(gr + off, rv);
+      if constexpr (kHasS1) load_pack<S, N>(s1 + off, m1);
+      if constexpr (kHasS2) load_pack<S, N>(s2 + off, m2);
+#pragma unroll
+      for (int k = 0; k < N; ++k) update_element<K, kHasGr>(pv[k], gv[k], rv[k], m1[k], m2[k], ca, cb, h, c, wd);
+      store_pack<P, N>(p + off, pv);
+      if constexpr (kHasS1) store_pack<S, N>(s1 + off, m1);
+      if constexpr (kHasS2) store_pack<S, N>(s2 + off, m2);
+    }
+    done = packs * N;
+  }
+  for (int i = done + threadIdx.x; i < ch.n; i += blockDim.x) {
+    float pv = Storage<P>::load(p[i]);
+    const float gv = Storage<P>::load(gf[i]);
+    float rv = 0.0f, m1 = 0.0f, m2 = 0.0f;
+    if (read_gr) rv = Storage<P>::load(gr[i]);
+    if constexpr (kHasS1) m1 = Storage<S>::load(s1[i]);
+    if constexpr (kHasS2) m2 = Storage<S>::load(s2[i]);
+    update_element<K, kHasGr>(pv, gv, rv, m1, m2, ca, cb, h, c, wd);
+    p[i] = Storage<P>::store(pv);
+    if constexpr (kHasS1) s1[i] = Storage<S>::store(m1);
+    if constexpr (kHasS2) s2[i] = Storage<S>::store(m2);
+  }
+}
+
+// Runs after the update kernel on the same stream, so every block above read the old count.
+__global__ void advance_steps_kernel(LaunchMeta m, const float* __restrict__ coef) {
+  if (coef[kSkip] != 0.0f) return;
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < m.ntensors) {
+    float* step = row_ptr<float>(m, kStepRow, t);
+    *step = *step + 1.0f;
+  }
+}
+
+template <typename P, typename S, UpdateKind K>
+void update_kernels_kind(const UpdateLaunch& u, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(m.nchunks));
+  if (u.has_gr) {
+    update_chunks_kernel<P, S, K, true><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
+  } else {
+    update_chunks_kernel<P, S, K, false><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
+  }
+}
+
+template <typename P, typename S>
+void update_kernels(const UpdateLaunch& u, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
+  switch (u.kind) {
+    case UpdateKind::kAdam: return update_kernels_kind<P, S, UpdateKind::kAdam>(u, m, coef, stream);
+    case UpdateKind::kSgdMomentum: return update_kernels_kind<P, S, UpdateKind::kSgdMomentum>(u, m, coef, stream);
+    case UpdateKind::kSgdPlain: return update_kernels_kind<P, P, UpdateKind::kSgdPlain>(u, m, coef, stream);
+  }
+}
+
+template <typename P>
+void update_kernels_state(const UpdateLaunch& u, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
+  if (u.state == DType::kFloat) return update_kernels<P, float>(u, m, coef, stream);
+  return update_kernels<P, P>(u, m, coef, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_gramian(DType dtype, bool has_b, const LaunchMeta& meta, float* slots, float* out,
+                           cudaStream_t stream) {
+  if (meta.nchunks > 0) {
+    switch (dtype) {
+      case DType::kFloat: gram_kernels<float>(has_b, meta, slots, stream); break;
+      case DType::kBFloat16: gram_kernels<__nv_bfloat16>(has_b, meta, slots, stream); break;
+      case DType::kHalf: gram_kernels<__half>(has_b, meta, slots, stream); break;
+    }
+  }
+  gram_cleanup_kernel<<<1, kCleanupBlock, 0, stream>>>(slots, meta.nchunks, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_coefficients(const float* gram, const SurgerySpec& spec, const float* inv_scale,
+                                const float* found_inf, float* out, cudaStream_t stream) {
+  coefficients_kernel<<<1, 1, 0, stream>>>(gram, spec, inv_scale, found_inf, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine(DType dtype, bool has_gr, const LaunchMeta& meta, const float* coef, cudaStream_t stream) {
+  if (meta.nchunks == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat: combine_kernels<float>(has_gr, meta, coef, stream); break;
+    case DType::kBFloat16: combine_kernels<__nv_bfloat16>(has_gr, meta, coef, stream); break;
+    case DType::kHalf: combine_kernels<__half>(has_gr, meta, coef, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_update(const UpdateLaunch& launch, const LaunchMeta& meta, const float* coef,
+                          cudaStream_t stream) {
+  if (meta.nchunks > 0) {
+    switch (launch.param) {
+      case DType::kFloat: update_kernels<float, float>(launch, meta, coef, stream); break;
+      case DType::kBFloat16: update_kernels_state<__nv_bfloat16>(launch, meta, coef, stream); break;
+      case DType::kHalf: update_kernels_state<__half>(launch, meta, coef, stream); break;
+    }
+  }
+  if (meta.ntensors > 0) {
+    const unsigned blocks = static_cast<unsigned>((meta.ntensors + kStepBlock - 1) / kStepBlock);
+    advance_steps_kernel<<<blocks, kStepBlock, 0, stream>>>(meta, coef);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace eupmu

@@ -1,0 +1,208 @@
+// Scalar math shared by the CUDA kernels and the C++ CPU kernels: the coefficient stage
+// (semantics of eupmu_kernels/coefficients.py) and the per-element update rules
+// (torch.optim formulas, float32 math). No torch headers: this file is also compiled by nvcc
+// on its own.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define EUPMU_HD __host__ __device__ __forceinline__
+#else
+#define EUPMU_HD inline __attribute__((always_inline))
+#endif
+
+namespace eupmu {
+
+// Layout of the float32[8] coefficient vector (eupmu_kernels/backends/base.py).
+constexpr int kCoefLen = 8;
+constexpr int kCa = 0, kCb = 1, kSkip = 2, kLam = 3, kClip = 4, kCos = 5, kDnorm = 6, kA = 7;
+
+// Integer codes shared with base.py (METHOD_CODE, RULE_CODE).
+enum Method : int { kUngrad = 0, kPcgrad = 1, kGraddiff = 2, kMethodNone = 3 };
+enum Rule : int { kSgd = 0, kAdam = 1, kAdamW = 2 };
+
+// Storage dtypes of the kernels (math is float32 for all of them).
+enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+constexpr float kClipEps = 1e-6f;  // reference.CLIP_EPS
+
+struct SurgerySpec {
+  int method;
+  float eps;
+  float alpha;
+  float max_norm;
+  int has_max_norm;
+};
+
+EUPMU_HD bool is_finite(float x) { return fabsf(x) <= 3.40282347e38f; }  // false for inf and NaN
+
+// num / den where den > 0, else 0.
+EUPMU_HD float safe_div(float num, float den) { return den > 0.0f ? num / den : 0.0f; }
+
+// torch.clamp keeps NaN; so do these (a NaN comparison is false).
+EUPMU_HD float clamp_min_zero(float x) { return x < 0.0f ? 0.0f : x; }
+EUPMU_HD float clamp_max_one(float x) { return x > 1.0f ? 1.0f : x; }
+
+// The rule's (a, b) with d = a*g_f + b*g_r, from an already unscaled Gramian.
+EUPMU_HD void pair_coefficients(float aa, float ab, float bb, const SurgerySpec& s, float* a, float* b) {
+  *a = 1.0f;
+  switch (s.method) {
+    case kUngrad:
+      *b = clamp_min_zero(safe_div(-ab - s.eps, bb));
+      break;
+    case kGraddiff:
+      *b = s.alpha;
+      break;
+    case kPcgrad: {
+      const bool conflict = ab < 0.0f;
+      *a = conflict ? 1.0f - safe_div(ab, aa) : 1.0f;
+      *b = conflict ? 1.0f - safe_div(ab, bb) : 1.0f;
+      break;
+    }
+    default:
+      *b = 0.0f;
+      break;
+  }
+}
+
+// gram: float[3] (scaled by the loss scale when inv_scale is given); inv_scale and found_inf may
+// be null. Writes the float[8] vector.
+EUPMU_HD void compute_coefficients(const float* gram, const SurgerySpec& s, const float* inv_scale,
+                                   const float* found_inf, float* out) {
+  const float inv = inv_scale != nullptr ? *inv_scale : 1.0f;
+  float aa = gram[0], ab = gram[1], bb = gram[2];
+  if (inv_scale != nullptr) {
+    const float inv2 = inv * inv;
+    aa *= inv2;
+    ab *= inv2;
+    bb *= inv2;
+  }
+  bool skip = !(is_finite(aa) && is_finite(ab) && is_finite(bb));
+  if (found_inf != nullptr && *found_inf != 0.0f) skip = true;  // NaN != 0 also skips
+
+  float a, b;
+  pair_coefficients(aa, ab, bb, s, &a, &b);
+  const float sq = a * a * aa + 2.0f * a * b * ab + b * b * bb;
+  const float dnorm = sqrtf(clamp_min_zero(sq));
+  const float clip = s.has_max_norm ? clamp_max_one(s.max_norm / (dnorm + kClipEps)) : 1.0f;
+  const float cos = safe_div(ab, sqrtf(aa) * sqrtf(bb));
+  out[kCa] = skip ? 1.0f : a * clip * inv;
+  out[kCb] = skip ? 0.0f : b * clip * inv;
+  out[kSkip] = skip ? 1.0f : 0.0f;
+  out[kLam] = b;
+  out[kClip] = clip;
+  out[kCos] = cos;
+  out[kDnorm] = dnorm;
+  out[kA] = a;
+}
+
+// ----------------------------------------------------------------------------- update rules
+
+// Hyperparameters of one launch. Derived factors such as 1 - beta2 are computed in double on the
+// host and rounded once, as torch does with Python-float scalars.
+struct RuleHyper {
+  double beta1_d;
+  double beta2_d;
+  float lr;
+  float beta2;
+  float eps;
+  float weight_decay;
+  float momentum;
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float one_minus_dampening;
+  float decay;  // 1 - lr*wd
+  int nesterov;
+};
+
+EUPMU_HD RuleHyper make_rule_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                   double momentum, double dampening, bool nesterov) {
+  RuleHyper h;
+  h.beta1_d = beta1;
+  h.beta2_d = beta2;
+  h.lr = (float)lr;
+  h.beta2 = (float)beta2;
+  h.eps = (float)eps;
+  h.weight_decay = (float)weight_decay;
+  h.momentum = (float)momentum;
+  h.one_minus_beta1 = (float)(1.0 - beta1);
+  h.one_minus_beta2 = (float)(1.0 - beta2);
+  h.one_minus_dampening = (float)(1.0 - dampening);
+  h.decay = (float)(1.0 - lr * weight_decay);
+  h.nesterov = nesterov ? 1 : 0;
+  return h;
+}
+
+// Per-tensor constants of one step, derived from the step count before the step.
+struct StepConsts {
+  float step_size;  // adam: lr / (1 - beta1^t)
+  float bc2_sqrt;   // adam: sqrt(1 - beta2^t)
+  int first;        // sgd: no momentum buffer yet (step == 0)
+};
+
+EUPMU_HD StepConsts step_consts(const RuleHyper& h, float step_before) {
+  StepConsts c;
+  const double t = (double)step_before + 1.0;
+  // The bias corrections are rounded to float32 first, and lr / bc1 is taken as (1 / bc1) * lr,
+  // exactly as the torch backend computes them from its float32 step tensor.
+  const float bc1 = (float)(1.0 - pow(h.beta1_d, t));
+  c.step_size = (1.0f / bc1) * h.lr;
+  c.bc2_sqrt = (float)sqrt(1.0 - pow(h.beta2_d, t));
+  c.first = step_before == 0.0f ? 1 : 0;
+  return c;
+}
+
+// Which optional weight-decay terms a launch applies (torch skips them when weight_decay == 0).
+struct DecayMode {
+  bool decoupled;  // adamw: p *= 1 - lr*wd
+  bool l2;         // adam, sgd: d += wd*p
+};
+
+EUPMU_HD DecayMode decay_mode(int rule, const RuleHyper& h) {
+  DecayMode m;
+  m.decoupled = rule == kAdamW && h.weight_decay != 0.0f;
+  m.l2 = rule != kAdamW && h.weight_decay != 0.0f;
+  return m;
+}
+
+// torch.lerp(start, end, w) for a scalar weight: its two-sided formula, with the fused
+// multiply-add that torch's vectorised CPU kernel and CUDA kernel use when kFused.
+template <bool kFused>
+EUPMU_HD float lerp(float start, float end, float w) {
+  const bool small = w < 0.5f;
+  const float coeff = small ? w : w - 1.0f;
+  const float base = small ? start : end;
+  if (kFused) return fmaf(coeff, end - start, base);
+  return base + coeff * (end - start);
+}
+
+// One Adam/AdamW element: p, m, v in/out, d the combined direction. kFusedLerp: see lerp().
+template <bool kFusedLerp>
+EUPMU_HD void adam_element(float& p, float d, float& m, float& v, const RuleHyper& h, const StepConsts& c,
+                           DecayMode wd) {
+  if (wd.decoupled) p = p * h.decay;
+  if (wd.l2) d = d + h.weight_decay * p;
+  m = lerp<kFusedLerp>(m, d, h.one_minus_beta1);
+  v = v * h.beta2 + (h.one_minus_beta2 * d) * d;
+  const float denom = sqrtf(v) / c.bc2_sqrt + h.eps;
+  p = p - c.step_size * (m / denom);
+}
+
+// One SGD element with a momentum buffer.
+EUPMU_HD void sgd_momentum_element(float& p, float d, float& buf, const RuleHyper& h, const StepConsts& c,
+                                   DecayMode wd) {
+  if (wd.l2) d = d + h.weight_decay * p;
+  buf = c.first ? d : buf * h.momentum + h.one_minus_dampening * d;
+  d = h.nesterov ? d + h.momentum * buf : buf;
+  p = p - h.lr * d;
+}
+
+// One SGD element without momentum.
+EUPMU_HD void sgd_plain_element(float& p, float d, const RuleHyper& h, DecayMode wd) {
+  if (wd.l2) d = d + h.weight_decay * p;
+  p = p - h.lr * d;
+}
+
+}  // namespace eupmu

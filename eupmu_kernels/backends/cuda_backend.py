@@ -1,0 +1,107 @@
+"""The compiled backend: the C++/CUDA extension ``eupmu_kernels._C``.
+
+CUDA tensors run the CUDA kernels (multi-tensor launches over 64k-element chunks); CPU tensors
+run fused C++ loops on ATen's intra-op threads. Both implement the contract of
+:mod:`eupmu_kernels.backends.base` for float32, bfloat16 and float16 storage with float32 math.
+
+The extension handles every parameter whose optimizer state shares the parameter's dense layout
+and is float32 or of the parameter's dtype; it hands any other parameter back, and those few go
+through the torch backend (same semantics, also free of host synchronisation).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from types import ModuleType
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import METHOD_CODE, RULE_CODE, RuleStateLists, StepHyper, SurgeryConfig
+from .torch_backend import TorchBackend
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@lru_cache(maxsize=None)
+def load_extension() -> ModuleType | None:
+    """The compiled module, or None when it was not built (or does not load here)."""
+    try:
+        from .. import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+def extension_error() -> str | None:
+    """Why the extension does not import (None when it does)."""
+    try:
+        from .. import _C  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _ext() -> ModuleType:
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError("eupmu_kernels._C is not built; reinstall with EUPMU_BUILD_CUDA=1")
+    return ext
+
+
+def _subset(tensors: Sequence[Tensor], idx: Sequence[int]) -> list[Tensor]:
+    return [tensors[i] for i in idx] if tensors else []
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self._fallback = TorchBackend()
+
+    def available(self) -> bool:
+        return load_extension() is not None
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        ext = load_extension()
+        if ext is None or dtype not in KERNEL_DTYPES:
+            return False
+        if device.type == "cuda":
+            return bool(ext.has_cuda_kernels()) and torch.cuda.is_available()
+        return device.type == "cpu"
+
+    def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
+        return _ext().gramian(list(a), None if b is None else list(b))
+
+    def coefficients(self, gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None,
+                     found_inf: Tensor | None) -> Tensor:
+        return _ext().coefficients(gram, METHOD_CODE[cfg.method], cfg.eps, cfg.alpha, cfg.max_norm,
+                                   inv_scale, found_inf)
+
+    def combine_(self, grads_f: Sequence[Tensor], grads_r: Sequence[Tensor] | None, coef: Tensor) -> None:
+        _ext().combine_(list(grads_f), None if grads_r is None else list(grads_r), coef)
+
+    def step_(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
+              grads_r: Sequence[Tensor] | None, state: RuleStateLists, coef: Tensor, hp: StepHyper) -> None:
+        params, grads_f = list(params), list(grads_f)
+        grads_r = None if grads_r is None else list(grads_r)
+        left = _ext().step_(RULE_CODE[rule], params, grads_f, grads_r, list(state.step), list(state.exp_avg),
+                            list(state.exp_avg_sq), list(state.momentum_buffer), coef, hp.lr, hp.beta1,
+                            hp.beta2, hp.eps, hp.weight_decay, hp.momentum, hp.dampening, hp.nesterov)
+        if left:
+            self._step_with_torch(rule, params, grads_f, grads_r, state, coef, hp, left)
+
+    def _step_with_torch(self, rule: str, params: list[Tensor], grads_f: list[Tensor], grads_r: list[Tensor] | None,
+                         state: RuleStateLists, coef: Tensor, hp: StepHyper, idx: Sequence[int]) -> None:
+        sub_state = RuleStateLists(step=_subset(state.step, idx), exp_avg=_subset(state.exp_avg, idx),
+                                   exp_avg_sq=_subset(state.exp_avg_sq, idx),
+                                   momentum_buffer=_subset(state.momentum_buffer, idx))
+        self._fallback.step_(rule, _subset(params, idx), _subset(grads_f, idx),
+                             None if grads_r is None else _subset(grads_r, idx), sub_state, coef, hp)
+
+
+def cpu_kernel_variant() -> str | None:
+    """The CPU kernel variant in use ("avx512", "avx2" or "default"), None without the extension."""
+    ext = load_extension()
+    return None if ext is None else str(ext.cpu_isa())

@@ -1,0 +1,517 @@
+"""The compiled extension eupmu_kernels._C: C++ CPU kernels here, CUDA kernels on a GPU machine.
+
+Every kernel is checked against the float64 reference applied to the same stored inputs, one
+launch at a time, so low-precision outputs are allowed one rounding of the stored value plus
+float32 math. Tests parametrised over ``device`` run the CUDA kernels on "cuda" (marked gpu).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import SIZE_CASES, STORE_RTOL, assert_close_rel, flat64, make_tensors
+from torch import Tensor
+
+from eupmu_kernels import EUPMU
+from eupmu_kernels import coefficients as torch_coefficients
+from eupmu_kernels import reference as ref
+from eupmu_kernels.backends.base import CA, CB, COEF_LEN, METHOD_CODE, RULE_CODE, SKIP, RuleStateLists, StepHyper
+from eupmu_kernels.backends.base import SurgeryConfig
+from eupmu_kernels.backends.cuda_backend import CudaBackend, extension_error, load_extension
+from eupmu_kernels.backends.torch_backend import TorchBackend
+
+EXT = load_extension()
+REQUIRED = os.environ.get("EUPMU_REQUIRE_EXT") == "1"
+
+pytestmark = pytest.mark.skipif(EXT is None and not REQUIRED, reason="eupmu_kernels._C is not built")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# (param dtype, state dtype)
+STORAGE = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
+RULES = {
+    "sgd": ("sgd", StepHyper(lr=0.05, weight_decay=0.01)),
+    "sgd_nesterov": ("sgd", StepHyper(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "sgd_dampening": ("sgd", StepHyper(lr=0.05, momentum=0.8, dampening=0.3)),
+    "adam": ("adam", StepHyper(lr=0.05, weight_decay=0.01)),
+    "adamw": ("adamw", StepHyper(lr=0.05, weight_decay=0.1)),
+    "adamw_betas": ("adamw", StepHyper(lr=0.02, beta1=0.6, beta2=0.9, eps=1e-6, weight_decay=0.0)),
+}
+# One rounding of the stored value plus float32 math, relative to the vector's norm.
+OUT_RTOL = {torch.float32: 1e-5, torch.bfloat16: STORE_RTOL[torch.bfloat16], torch.float16: STORE_RTOL[torch.float16]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_intra_op_threads():
+    """Enough threads to exercise the parallel split, no more (the machine is shared)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def to(tensors: list[Tensor], device: str) -> list[Tensor]:
+    return [t.to(device) for t in tensors]
+
+
+def host64(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.detach().cpu().double() for t in tensors]
+
+
+def coef_vector(ca: float, cb: float, skip: float = 0.0, device: str = "cpu") -> Tensor:
+    coef = torch.zeros(COEF_LEN, dtype=torch.float32)
+    coef[CA], coef[CB], coef[SKIP] = ca, cb, skip
+    return coef.to(device)
+
+
+# ------------------------------------------------------------------------------ build and import
+
+
+def test_extension_imports():
+    if EXT is None:
+        pytest.fail(f"EUPMU_REQUIRE_EXT=1 but eupmu_kernels._C does not import: {extension_error()}")
+    backend = CudaBackend()
+    assert backend.available() and backend.name == "cuda"
+    assert EXT.has_cuda_kernels()
+    assert backend.supports(torch.device("cpu"), torch.float32)
+    assert backend.supports(torch.device("cpu"), torch.bfloat16)
+    assert not backend.supports(torch.device("cpu"), torch.float64)
+    assert backend.supports(torch.device("cuda"), torch.float16) == torch.cuda.is_available()
+    assert EXT.cpu_isa() in EXT.cpu_isas() and "default" in EXT.cpu_isas()
+
+
+# ------------------------------------------------------------------------------ Gramian
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(SIZE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gramian_matches_reference(device, case, dtype):
+    a = make_tensors(SIZE_CASES[case], dtype, seed=1)
+    b = make_tensors(SIZE_CASES[case], dtype, seed=2)
+    g = EXT.gramian(to(a, device), to(b, device))
+    assert g.dtype == torch.float32 and g.shape == (3,) and g.device.type == device
+    expected = ref.gramian(flat64(a), flat64(b))
+    scale = torch.stack([expected[0], expected[0].sqrt() * expected[2].sqrt(), expected[2]])
+    assert torch.all((g.cpu().double() - expected).abs() <= 2e-5 * scale), (g, expected)
+    alone = EXT.gramian(to(a, device))
+    assert alone[1].item() == 0.0 and alone[2].item() == 0.0
+    assert alone[0].item() == pytest.approx(expected[0].item(), rel=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gramian_is_deterministic(device):
+    a = to(make_tensors(SIZE_CASES["many_small_plus_large"] + [(300_001,)], seed=3), device)
+    b = to(make_tensors(SIZE_CASES["many_small_plus_large"] + [(300_001,)], seed=4), device)
+    first = EXT.gramian(a, b)
+    assert all(torch.equal(first, EXT.gramian(a, b)) for _ in range(3))
+    if device == "cpu":  # the chunking, not the thread count, fixes the summation order
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(first, EXT.gramian(a, b))
+        finally:
+            torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_gramian_sees_nonfinite_values(device, bad):
+    a = make_tensors(SIZE_CASES["many_small_plus_large"], seed=5)
+    b = make_tensors(SIZE_CASES["many_small_plus_large"], seed=6)
+    b[-1][17, 3] = bad
+    g = EXT.gramian(to(a, device), to(b, device))
+    assert not torch.isfinite(g).all()
+
+
+def test_gramian_handles_mixed_layouts_and_empty_tensors():
+    a = make_tensors([(40, 30), (0,), (5, 7)], seed=7)
+    b = make_tensors([(30, 40), (0,), (7, 5)], seed=8)
+    a_views = [a[0].t(), a[1], a[2]]  # a non-contiguous tensor paired with a contiguous one
+    b_views = [b[0], b[1], b[2].t()]
+    g = EXT.gramian(a_views, b_views)
+    flat_a = torch.cat([t.reshape(-1).double() for t in a_views])
+    flat_b = torch.cat([t.reshape(-1).double() for t in b_views])
+    torch.testing.assert_close(g.double(), ref.gramian(flat_a, flat_b), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------ coefficients
+
+GRAMS = [
+    (3.0, -1.2, 2.5),  # conflict
+    (3.0, 1.2, 2.5),  # agreement
+    (0.0, 0.0, 0.0),  # nothing
+    (4.0, -0.5, 0.0),  # g_r = 0
+    (0.0, 0.0, 2.0),  # g_f = 0
+    (1e30, -3e29, 2e30),  # large
+    (float("inf"), 1.0, 1.0),
+    (1.0, float("nan"), 1.0),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", list(METHOD_CODE))
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_coefficients_match_the_torch_formulas(device, method, max_norm, scaled):
+    cfg = SurgeryConfig(method=method, eps=0.05, alpha=0.3, max_norm=max_norm)
+    inv_scale = torch.tensor(1.0 / 1024, device=device) if scaled else None
+    for values in GRAMS:
+        gram = torch.tensor(values, dtype=torch.float32, device=device)
+        if scaled:
+            gram = gram * (1024.0 * 1024.0)
+        for found_inf in (None, torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)):
+            ours = EXT.coefficients(gram, METHOD_CODE[method], cfg.eps, cfg.alpha, max_norm, inv_scale, found_inf)
+            want = torch_coefficients.coefficients(gram, cfg, inv_scale, found_inf)
+            assert ours.shape == (COEF_LEN,) and ours.device.type == device
+            torch.testing.assert_close(ours, want, rtol=2e-6, atol=0, equal_nan=True,
+                                       msg=lambda m: f"{values} found_inf={found_inf}: {m}")
+
+
+# ------------------------------------------------------------------------------ combine
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(SIZE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cb", [-0.4, 0.0, None])
+def test_combine_matches_reference(device, case, dtype, cb):
+    shapes = SIZE_CASES[case]
+    g_f = make_tensors(shapes, dtype, seed=9)
+    g_r = make_tensors(shapes, dtype, seed=10)
+    expected = 0.75 * flat64(g_f) + (0.0 if cb is None else cb * flat64(g_r))
+    out = to(g_f, device)
+    EXT.combine_(out, None if cb is None else to(g_r, device), coef_vector(0.75, cb or 0.0, device=device))
+    assert_close_rel(flat64(out), expected, OUT_RTOL[dtype], f"combine {case} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_skip_leaves_grads_as_they_are(device):
+    g_f = to(make_tensors(SIZE_CASES["many_small_plus_large"], seed=11), device)
+    g_r = to([torch.full_like(t, float("nan")) for t in g_f], device)
+    before = [t.clone() for t in g_f]
+    EXT.combine_(g_f, g_r, coef_vector(1.0, 0.0, skip=1.0, device=device))
+    assert all(torch.equal(x, y) for x, y in zip(g_f, before))
+
+
+def test_combine_writes_back_into_non_dense_gradients():
+    base = make_tensors([(20, 16)], seed=12)[0]
+    g_f = base[:, ::2]  # a strided view: the kernel works on a copy and writes it back
+    g_r = make_tensors([(20, 8)], seed=13)[0]
+    expected = 2.0 * g_f.double() + 0.5 * g_r.double()
+    EXT.combine_([g_f], [g_r], coef_vector(2.0, 0.5))
+    torch.testing.assert_close(g_f.double(), expected, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------ fused update
+
+
+def make_state(rule: str, hp: StepHyper, params: list[Tensor], state_dtype: torch.dtype, step0: float,
+               seed: int) -> RuleStateLists:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand_like(p: Tensor, scale: float, positive: bool = False) -> Tensor:
+        x = torch.rand(p.shape, generator=gen, dtype=torch.float64) if positive else \
+            torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        return (x * scale).to(state_dtype)
+
+    st = RuleStateLists(step=[torch.tensor(step0) for _ in params])
+    if rule != "sgd":
+        st.exp_avg = [rand_like(p, 0.1) if step0 else torch.zeros_like(p, dtype=state_dtype) for p in params]
+        st.exp_avg_sq = [rand_like(p, 0.01, True) if step0 else torch.zeros_like(p, dtype=state_dtype) for p in params]
+    elif hp.momentum != 0:
+        st.momentum_buffer = [rand_like(p, 0.1) for p in params]
+    return st
+
+
+def reference_step(rule: str, hp: StepHyper, p: Tensor, d: Tensor, st: RuleStateLists, i: int) -> tuple:
+    """Float64 reference for parameter i from the kernel's stored inputs: (p, state1, state2)."""
+    step = int(st.step[i].item())
+    rs = ref.RuleState(step=step)
+    if rule == "sgd":
+        if hp.momentum != 0 and step > 0:
+            rs.momentum_buffer = st.momentum_buffer[i].cpu().double().reshape(-1)
+        new_p = ref.sgd_step(p, d, rs, lr=hp.lr, momentum=hp.momentum, dampening=hp.dampening,
+                             weight_decay=hp.weight_decay, nesterov=hp.nesterov)
+        return new_p, rs.momentum_buffer, None
+    rs.exp_avg = st.exp_avg[i].cpu().double().reshape(-1)
+    rs.exp_avg_sq = st.exp_avg_sq[i].cpu().double().reshape(-1)
+    new_p = ref.adam_step(p, d, rs, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+                          weight_decay=hp.weight_decay, decoupled=rule == "adamw")
+    return new_p, rs.exp_avg, rs.exp_avg_sq
+
+
+def state_lists(st: RuleStateLists) -> list[list[Tensor]]:
+    return [st.exp_avg, st.exp_avg_sq, st.momentum_buffer]
+
+
+def run_and_check_steps(device: str, rule_name: str, dtype: torch.dtype, state_dtype: torch.dtype,
+                        shapes: list, cb: float | None, steps: int = 3) -> None:
+    """cb: the g_r coefficient; None launches without a g_r list."""
+    rule, hp = RULES[rule_name]
+    params = to(make_tensors(shapes, dtype, seed=20), device)
+    g_f = to(make_tensors(shapes, dtype, seed=21), device)
+    g_r = None if cb is None else to(make_tensors(shapes, dtype, seed=22), device)
+    st = make_state(rule, hp, params, state_dtype, 0.0, seed=23)
+    st = RuleStateLists(*[to(lst, device) for lst in (st.step, st.exp_avg, st.exp_avg_sq, st.momentum_buffer)])
+    ca = 0.9
+    coef = coef_vector(ca, cb or 0.0, device=device)
+    d = [ca * x for x in host64(g_f)]
+    if g_r is not None:
+        d = [x + cb * y for x, y in zip(d, host64(g_r))]
+    for k in range(steps):
+        before = [t.detach().cpu().double().reshape(-1) for t in params]
+        expected = [reference_step(rule, hp, before[i], d[i].reshape(-1), st, i) for i in range(len(params))]
+        left = EXT.step_(RULE_CODE[rule], params, g_f, g_r, st.step, st.exp_avg, st.exp_avg_sq, st.momentum_buffer,
+                         coef, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.momentum, hp.dampening,
+                         hp.nesterov)
+        assert left == []
+        what = f"{rule_name} {dtype}/{state_dtype} step {k}"
+        assert_close_rel(flat64(params), torch.cat([e[0] for e in expected]), OUT_RTOL[dtype], what)
+        if dtype == torch.float32:  # the update itself, not only the parameter it lands on
+            assert_close_rel(flat64(params) - torch.cat(before), torch.cat([e[0] for e in expected]) - torch.cat(before),
+                             2e-5, what + " update")
+        for slot, lst in ((1, st.exp_avg if rule != "sgd" else st.momentum_buffer), (2, st.exp_avg_sq)):
+            if lst and expected[0][slot] is not None:
+                assert_close_rel(flat64(lst), torch.cat([e[slot] for e in expected]), OUT_RTOL[state_dtype],
+                                 what + f" state {slot}")
+        assert all(s.item() == k + 1 for s in st.step)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule_name", list(RULES))
+@pytest.mark.parametrize("dtype,state_dtype", STORAGE)
+@pytest.mark.parametrize("cb", [-0.3, 0.0, None])
+def test_step_matches_reference(device, rule_name, dtype, state_dtype, cb):
+    run_and_check_steps(device, rule_name, dtype, state_dtype, SIZE_CASES["many_small_plus_large"], cb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["one", "seven", "4097"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_matches_reference_on_awkward_sizes(device, case, dtype):
+    run_and_check_steps(device, "adamw", dtype, dtype, SIZE_CASES[case], cb=-0.3, steps=2)
+    run_and_check_steps(device, "sgd_nesterov", dtype, dtype, SIZE_CASES[case], cb=-0.3, steps=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule_name", ["sgd", "sgd_nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_skipped_step_changes_nothing(device, rule_name, dtype, state_dtype):
+    rule, hp = RULES[rule_name]
+    shapes = SIZE_CASES["many_small_plus_large"]
+    params = to(make_tensors(shapes, dtype, seed=30), device)
+    g_f = to(make_tensors(shapes, dtype, seed=31), device)
+    g_r = to(make_tensors(shapes, dtype, seed=32), device)
+    g_r[3][1] = float("inf")
+    gram = EXT.gramian(g_f, g_r)
+    coef = EXT.coefficients(gram, METHOD_CODE["ungrad"], 0.0, 1.0, None, None, None)
+    assert coef[SKIP].item() == 1.0
+    st = make_state(rule, hp, params, state_dtype, 2.0, seed=33)
+    st = RuleStateLists(*[to(lst, device) for lst in (st.step, st.exp_avg, st.exp_avg_sq, st.momentum_buffer)])
+    snapshot = [t.clone() for t in params + st.step + st.exp_avg + st.exp_avg_sq + st.momentum_buffer]
+    CudaBackend().step_(rule, params, g_f, g_r, st, coef, hp)
+    after = params + st.step + st.exp_avg + st.exp_avg_sq + st.momentum_buffer
+    assert all(torch.equal(x, y) for x, y in zip(after, snapshot))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_skips_the_step(device):
+    params = to(make_tensors([(50,), (3, 4)], seed=34), device)
+    grads = to(make_tensors([(50,), (3, 4)], seed=35), device)
+    st = RuleStateLists(step=[torch.tensor(1.0, device=device) for _ in params],
+                        exp_avg=[torch.zeros_like(p) for p in params], exp_avg_sq=[torch.zeros_like(p) for p in params])
+    backend = CudaBackend()
+    cfg = SurgeryConfig(method="none")
+    coef = backend.coefficients(backend.gramian(grads, None), cfg, None, torch.tensor(1.0, device=device))
+    snapshot = [t.clone() for t in params + st.step]
+    backend.step_("adamw", params, grads, None, st, coef, StepHyper(lr=0.1))
+    assert all(torch.equal(x, y) for x, y in zip(params + st.step, snapshot))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_hands_back_parameters_it_cannot_take(device):
+    """A state in another layout or dtype than its parameter is handed back (the backend then uses
+    the torch path for it); a gradient in another layout is copied instead."""
+    shapes = [(6, 5, 4, 3), (7,), (33, 9)]
+    hp = StepHyper(lr=0.05, weight_decay=0.01)
+    coef = coef_vector(1.0, 0.0, device=device)
+
+    def setup() -> tuple[list[Tensor], list[Tensor], RuleStateLists]:
+        params = to(make_tensors(shapes, seed=40), device)
+        params[0] = params[0].contiguous(memory_format=torch.channels_last)  # its state stays contiguous
+        grads = to(make_tensors(shapes, seed=41), device)
+        grads[2] = grads[2].t().contiguous().t()
+        st = RuleStateLists(step=[torch.tensor(2.0, device=device) for _ in shapes],
+                            exp_avg=[torch.full(s, 0.1, device=device) for s in shapes],
+                            exp_avg_sq=[torch.full(s, 0.01, device=device) for s in shapes])
+        st.exp_avg_sq[1] = st.exp_avg_sq[1].double()
+        return params, grads, st
+
+    params, grads, st = setup()
+    before = [p.clone() for p in params]
+    left = EXT.step_(RULE_CODE["adam"], params, grads, None, st.step, st.exp_avg, st.exp_avg_sq, [], coef,
+                     hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, 0.0, 0.0, False)
+    assert left == [0, 1]
+    assert torch.equal(params[0], before[0]) and torch.equal(params[1], before[1])
+    assert not torch.equal(params[2], before[2])
+
+    ours, theirs = setup(), setup()
+    CudaBackend().step_("adam", ours[0], ours[1], None, ours[2], coef, hp)
+    TorchBackend().step_("adam", theirs[0], theirs[1], None, theirs[2], coef, hp)
+    for mine, want in zip(ours[0] + ours[2].exp_avg_sq + ours[2].step, theirs[0] + theirs[2].exp_avg_sq + theirs[2].step):
+        torch.testing.assert_close(mine, want, rtol=1e-6, atol=1e-7)
+    assert ours[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cpu_kernel_variants_agree():
+    shapes = SIZE_CASES["many_small_plus_large"]
+    results = {}
+    for isa in EXT.cpu_isas():
+        EXT.set_cpu_isa(isa)
+        try:
+            params = make_tensors(shapes, torch.bfloat16, seed=50)
+            g_f, g_r = make_tensors(shapes, torch.bfloat16, seed=51), make_tensors(shapes, torch.bfloat16, seed=52)
+            gram = EXT.gramian(g_f, g_r)
+            st = make_state("adamw", RULES["adamw"][1], params, torch.float32, 3.0, seed=53)
+            hp = RULES["adamw"][1]
+            EXT.step_(RULE_CODE["adamw"], params, g_f, g_r, st.step, st.exp_avg, st.exp_avg_sq, [],
+                      coef_vector(1.0, 0.5), hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, 0.0, 0.0, False)
+            results[isa] = (gram, flat64(params), flat64(st.exp_avg_sq))
+        finally:
+            EXT.set_cpu_isa("auto")
+    base = results["default"]
+    for isa, (gram, p, v) in results.items():
+        torch.testing.assert_close(gram, base[0], rtol=1e-5, atol=0, msg=isa)
+        assert_close_rel(p, base[1], 8e-3, isa)
+        assert_close_rel(v, base[2], 1e-5, isa)
+
+
+# ------------------------------------------------------------------------------ the optimizer
+
+OPTIMIZER_CONFIGS = {
+    "sgd_nesterov": dict(rule="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "sgd": dict(rule="sgd", lr=0.05),
+    "adam": dict(rule="adam", lr=2e-3, weight_decay=1e-3),
+    "adamw": dict(rule="adamw", lr=2e-3),
+}
+
+
+def train(backend: str, device: str, mode: str, config: dict, steps: int = 20,
+          dtype: torch.dtype = torch.float32, **extra) -> tuple[torch.nn.Module, EUPMU]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device, dtype)
+    opt = EUPMU(model.named_parameters(), mode=mode, backend=backend, tolerance=0.01, **config, **extra)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 12, generator=gen).to(device, dtype)
+    y_f = torch.randint(0, 4, (64,), generator=gen).to(device)
+    y_r = torch.randint(0, 4, (64,), generator=gen).to(device)
+    for _ in range(steps):
+        opt.zero_grad()
+        forget = -torch.nn.functional.cross_entropy(model(x[:32]).float(), y_f[:32])
+        retain = torch.nn.functional.cross_entropy(model(x[32:]).float(), y_r[32:])
+        if mode == "explicit":
+            retain.backward()
+            opt.stash_retain_grad()
+            forget.backward()
+        else:
+            opt.combine(forget, retain).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+@pytest.mark.parametrize("name", list(OPTIMIZER_CONFIGS))
+def test_optimizer_follows_the_torch_backend(device, mode, name):
+    ours, opt = train("cuda", device, mode, OPTIMIZER_CONFIGS[name])
+    theirs, twin = train("torch", device, mode, OPTIMIZER_CONFIGS[name])
+    assert_close_rel(flat64(ours.parameters()).cpu(), flat64(theirs.parameters()).cpu(), 1e-5, f"{name} {mode}")
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        for key, value in opt.state[p].items():
+            torch.testing.assert_close(value, twin.state[q][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_bf16_params_with_float32_state(device):
+    config = dict(OPTIMIZER_CONFIGS["adamw"], state_dtype=torch.float32)
+    ours, opt = train("cuda", device, "explicit", config, steps=10, dtype=torch.bfloat16)
+    theirs, _ = train("torch", device, "explicit", config, steps=10, dtype=torch.bfloat16)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert_close_rel(flat64(ours.parameters()).cpu(), flat64(theirs.parameters()).cpu(), 3e-2, "bf16 params")
+
+
+def test_writes_bump_autograd_versions():
+    p = torch.nn.Parameter(torch.randn(10))
+    version = p._version
+    st = RuleStateLists(step=[torch.tensor(0.0)])
+    CudaBackend().step_("sgd", [p], [torch.randn(10)], None, st, coef_vector(1.0, 0.0), StepHyper(lr=0.1))
+    assert p._version > version and st.step[0].item() == 1.0
+
+
+# ------------------------------------------------------------------------------ CUDA only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_unaligned_views_take_the_element_path(dtype):
+    """Views one element into their storage cannot use 16-byte accesses; results must not care."""
+    n = 70_001
+    storage = [make_tensors([(n + 1,)], dtype, seed=s)[0].cuda() for s in (60, 61, 62)]
+    p, g_f, g_r = (t[1:] for t in storage)
+    aligned = [t[1:].clone() for t in storage]
+    gram = EXT.gramian([g_f], [g_r])
+    torch.testing.assert_close(gram, EXT.gramian([aligned[1]], [aligned[2]]), rtol=1e-5, atol=0)
+    hp = RULES["adamw"][1]
+    for params, gf, gr in (([p], [g_f], [g_r]), ([aligned[0]], [aligned[1]], [aligned[2]])):
+        st = RuleStateLists(step=[torch.tensor(0.0, device="cuda")], exp_avg=[torch.zeros_like(params[0])],
+                            exp_avg_sq=[torch.zeros_like(params[0])])
+        CudaBackend().step_("adamw", params, gf, gr, st, coef_vector(1.0, 0.5, device="cuda"), hp)
+    torch.testing.assert_close(p, aligned[0], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_step_does_not_synchronise():
+    model, opt = train("cuda", "cuda", "explicit", OPTIMIZER_CONFIGS["adamw"], steps=2)
+    x = torch.randn(8, 12, device="cuda")
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.stash_retain_grad()
+    model(x).mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_over_two_to_the_31_elements():
+    """int64 sizes and offsets: one bf16 tensor of 2^31 + 4099 elements (the last chunk is partial)."""
+    n = (1 << 31) + 4099
+    if torch.cuda.mem_get_info()[0] < 2 * 2 * n + (1 << 30):
+        pytest.skip("not enough free GPU memory")
+    a = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.full((n,), 2.0, dtype=torch.bfloat16, device="cuda")
+    # every chunk's sum is an exact float integer and the slots add up in double: one final rounding
+    assert torch.equal(EXT.gramian([a], [b]).cpu(), torch.tensor([float(n), 2.0 * n, 4.0 * n]))
+    EXT.combine_([a], [b], coef_vector(0.5, 0.25, device="cuda"))  # 0.5 * 1 + 0.25 * 2 = 1
+    EXT.combine_([a], None, coef_vector(2.0, 0.0, device="cuda"))
+    for i in (0, (1 << 31) - 1, 1 << 31, n - 1):
+        assert a[i].item() == 2.0
+    st = RuleStateLists(step=[torch.tensor(0.0, device="cuda")])
+    EXT.step_(RULE_CODE["sgd"], [a], [b], None, st.step, [], [], [], coef_vector(1.0, 0.0, device="cuda"),
+              0.25, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, False)  # 2 - 0.25 * 2 = 1.5
+    for i in (0, (1 << 31) - 1, 1 << 31, n - 1):
+        assert a[i].item() == 1.5
+    assert st.step[0].item() == 1.0
+    del a, b
+    torch.cuda.empty_cache()
