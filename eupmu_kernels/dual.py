@@ -47,6 +47,7 @@ class DualConfig:
     rule: str = "paper"
     lr: float = 1.0
     w_init: float = 0.0
+    w_max: float | None = None
     psi: str = "identity"  # transform in the objective
     phi: str = "identity"  # transform in the dual update
     scale_by_lr: bool = True  # s_t = eta_t (paper) or 1
@@ -167,7 +168,7 @@ class LossWeighting:
         else:
             new_w = _adam_descent(st.w, delta, st.adam_m, st.adam_v, st.adam_step, cfg.lr, cfg.adam_betas,
                                   cfg.adam_eps, cfg.adam_weight_decay)
-        st.w.copy_(torch.clamp(new_w, min=0.0))
+        st.w.copy_(torch.clamp(new_w, min=0.0, max=cfg.w_max))
 
     def _famo_update(self, before, after, st: DualState) -> None:
         cfg = self.cfg

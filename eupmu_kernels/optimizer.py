@@ -52,9 +52,16 @@ class EUPMU(torch.optim.Optimizer):
         alpha: the retain weight of ``"graddiff"``.
         max_grad_norm: clip the final direction to this global norm (no extra memory pass in
             explicit mode; one norm reduction in implicit mode).
-        dual: implicit-mode multiplier rule, ``"paper"`` (projected dual ascent), ``"reference"``
-            (the authors' published Adam-on-w practice) or ``"famo"`` (FAMO weighting baseline).
-        dual_lr: the multiplier's step size beta (default 1.0; FAMO: 0.025).
+        dual: implicit-mode multiplier rule: ``"reference"`` (default: the authors' published
+            practice, log losses and one Adam step on w; it gave the best trade-off on the
+            project's end-to-end benchmark), ``"paper"`` (projected dual ascent on
+            delta = (L_r(t) - L_r(t+1)) / lr + tolerance) or ``"famo"`` (FAMO weighting baseline).
+            The log transform of the default needs positive losses: use a random-label or NPO
+            forget loss, or ``dual="paper"`` for a negative (gradient-ascent) forget loss.
+        dual_lr: the multiplier's step size beta (default 1.0; FAMO: 0.025). With ``"paper"``
+            the rule diverges once beta * ||g_r||^2 > 2 (w grows without bound): pick beta
+            accordingly or cap w with ``w_max``.
+        w_max: optional upper bound on w (projection onto [0, w_max]).
         w_init: initial multiplier w.
         loss_transform: ``"identity"`` or ``"log"`` for psi and phi (default per dual preset).
         weighting: ``"unnormalised"`` (J = f + w r) or ``"normalised"`` (J = (f + w r) / (1 + w)).
@@ -100,9 +107,10 @@ class EUPMU(torch.optim.Optimizer):
         tolerance: float = 0.0,
         alpha: float = 1.0,
         max_grad_norm: float | None = None,
-        dual: str = "paper",
+        dual: str = "reference",
         dual_lr: float | None = None,
         w_init: float = 0.0,
+        w_max: float | None = None,
         loss_transform: str | None = None,
         weighting: str = "unnormalised",
         dual_step_scale: str | None = None,
@@ -155,6 +163,7 @@ class EUPMU(torch.optim.Optimizer):
             lr=dual_lr if dual_lr is not None else (0.025 if dual == "famo" else None),
             famo_lr=dual_lr if dual == "famo" else None,
             w_init=w_init,
+            w_max=w_max,
             psi=loss_transform,
             phi=loss_transform,
             scale_by_lr=None if dual_step_scale is None else dual_step_scale == "lr",
@@ -488,16 +497,17 @@ class EUPMU(torch.optim.Optimizer):
             self._skipped = torch.zeros((), dtype=torch.float32, device=coef.device)
         if self.skip_nonfinite or getattr(self, "found_inf", None) is not None:
             self._skipped.add_(coef[SKIP])
-        self._stats = {"coefficients": torch.stack([coef[A], coef[LAM]]), "lambda": coef[LAM],
-                       "clip": coef[CLIP], "skipped": self._skipped,
-                       "direction_scale": torch.stack([coef[CA], coef[CB]])}
+        self._stats = {"clip": coef[CLIP], "skipped": self._skipped}
+        if self.mode == "explicit":
+            self._stats.update({"coefficients": torch.stack([coef[A], coef[LAM]]), "lambda": coef[LAM],
+                                "cos": coef[COS], "direction_scale": torch.stack([coef[CA], coef[CB]])})
         if gram is not None:
             self._stats["gramian"] = gram
-            self._stats["cos"] = coef[COS]
 
     def stats(self) -> dict[str, Tensor]:
-        """Device tensors of the last step: ``gramian``, ``lambda``, ``coefficients`` (a, b),
-        ``clip``, ``cos``, ``w`` (implicit mode), ``skipped`` (non-finite steps so far)."""
+        """Device tensors of the last step: ``gramian``, ``clip``, ``skipped`` (non-finite steps so
+        far); explicit mode adds ``lambda``, ``coefficients`` (a, b), ``cos``; implicit mode ``w``.
+        In implicit mode ``gramian`` is (||g||^2, 0, 0) of the combined gradient."""
         out = dict(self._stats)
         if self.w is not None:
             out["w"] = self.w

@@ -407,7 +407,9 @@ def train(backend: str, device: str, mode: str, config: dict, steps: int = 20,
           dtype: torch.dtype = torch.float32, **extra) -> tuple[torch.nn.Module, EUPMU]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device, dtype)
-    opt = EUPMU(model.named_parameters(), mode=mode, backend=backend, tolerance=0.01, **config, **extra)
+    # dual="paper": the forget loss below is negative (gradient ascent), which the log transform
+    # of the default preset refuses
+    opt = EUPMU(model.named_parameters(), mode=mode, backend=backend, tolerance=0.01, dual="paper", **config, **extra)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 12, generator=gen).to(device, dtype)
     y_f = torch.randint(0, 4, (64,), generator=gen).to(device)

@@ -241,8 +241,8 @@ def hand_written_run(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
 # scale of the gradient of J.
 ACCUMULATION_CASES = {
     "explicit": (dict(mode="explicit", rule="sgd", tolerance=0.1, optimizer_kwargs={"momentum": 0.9}), 0.5),
-    "implicit": (dict(mode="implicit", rule="sgd", w_init=0.5, optimizer_kwargs={"momentum": 0.9}), 0.0),
-    "implicit_exact_dual": (dict(mode="implicit", rule="sgd", w_init=0.5, dual_update="exact",
+    "implicit": (dict(mode="implicit", rule="sgd", w_init=0.5, dual="paper", optimizer_kwargs={"momentum": 0.9}), 0.0),
+    "implicit_exact_dual": (dict(mode="implicit", rule="sgd", w_init=0.5, dual="paper", dual_update="exact",
                                  optimizer_kwargs={"momentum": 0.9}), 0.0),
 }
 

@@ -66,7 +66,7 @@ def test_overflow_skips_step_and_backs_off_scale(poison):
 
 def test_implicit_mode_with_grad_scaler():
     plain_model, scaled_model = make_model(), make_model()
-    cfg = dict(lr=1e-2, rule="adam", mode="implicit", w_init=0.3, dual_lr=0.0, backend="torch")
+    cfg = dict(lr=1e-2, rule="adam", mode="implicit", dual="paper", w_init=0.3, dual_lr=0.0, backend="torch")
     plain, scaled = EUPMU(plain_model.parameters(), **cfg), EUPMU(scaled_model.parameters(), **cfg)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     for step in range(4):
@@ -116,7 +116,7 @@ def test_explicit_accumulation_over_micro_batches_equals_one_large_batch():
 
 def test_implicit_accumulation_averages_loss_scalars():
     big_model, mb_model = make_model(), make_model()
-    cfg = dict(lr=0.05, rule="sgd", mode="implicit", dual_lr=0.05, backend="torch")
+    cfg = dict(lr=0.05, rule="sgd", mode="implicit", dual="paper", dual_lr=0.05, backend="torch")
     big, mb = EUPMU(big_model.parameters(), **cfg), EUPMU(mb_model.parameters(), **cfg)
     ce = torch.nn.functional.cross_entropy
     for step in range(4):

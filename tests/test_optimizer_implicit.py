@@ -25,7 +25,8 @@ def quadratic_problem(seed=0):
 
 def test_objective_is_weighted_sum_and_w_is_detached():
     p, losses = quadratic_problem()
-    opt = EUPMU([p], lr=0.1, mode="implicit", w_init=0.5, backend="torch")
+    assert EUPMU([p], mode="implicit").dual_config.rule == "reference"  # the default preset
+    opt = EUPMU([p], lr=0.1, mode="implicit", dual="paper", w_init=0.5, backend="torch")
     f, r = losses()
     j = opt.combine(f, r)
     assert j.item() == pytest.approx(f.item() + 0.5 * r.item())
@@ -33,16 +34,16 @@ def test_objective_is_weighted_sum_and_w_is_detached():
     g_expected = torch.autograd.grad(losses()[0] + 0.5 * losses()[1], [p])[0]
     assert torch.allclose(p.grad, g_expected)
     assert not opt.w.requires_grad and opt.w.device == p.device
-    opt_n = EUPMU([p], lr=0.1, mode="implicit", w_init=0.5, weighting="normalised", backend="torch")
+    opt_n = EUPMU([p], lr=0.1, mode="implicit", dual="paper", w_init=0.5, weighting="normalised", backend="torch")
     assert opt_n.combine(f, r).item() == pytest.approx((f.item() + 0.5 * r.item()) / 1.5)
-    opt_log = EUPMU([p], lr=0.1, mode="implicit", w_init=2.0, loss_transform="log", backend="torch")
+    opt_log = EUPMU([p], lr=0.1, mode="implicit", dual="paper", w_init=2.0, loss_transform="log", backend="torch")
     assert opt_log.combine(f, r).item() == pytest.approx(math.log(f.item() + 1e-8) + 2 * math.log(r.item() + 1e-8))
 
 
 def test_step_with_zero_weight_matches_torch_adamw():
     p, losses = quadratic_problem()
     q, losses_q = quadratic_problem()  # same targets, separate parameter
-    ours = EUPMU([p], lr=0.05, mode="implicit", dual_lr=0.0, backend="torch")
+    ours = EUPMU([p], lr=0.05, mode="implicit", dual="paper", dual_lr=0.0, backend="torch")
     theirs = torch.optim.AdamW([q], lr=0.05)
     for _ in range(20):
         ours.zero_grad()
@@ -57,7 +58,7 @@ def test_step_with_zero_weight_matches_torch_adamw():
 def test_clipping_matches_clip_grad_norm():
     p, losses = quadratic_problem()
     q, losses_q = quadratic_problem()
-    ours = EUPMU([p], lr=0.1, rule="sgd", mode="implicit", w_init=1.0, dual_lr=0.0, max_grad_norm=0.3,
+    ours = EUPMU([p], lr=0.1, rule="sgd", mode="implicit", dual="paper", w_init=1.0, dual_lr=0.0, max_grad_norm=0.3,
                  backend="torch")
     theirs = torch.optim.SGD([q], lr=0.1)
     for _ in range(5):
@@ -179,3 +180,12 @@ def test_implicit_without_checks_has_no_reduction():
     opt.step()
     assert "gramian" not in opt.stats()
     assert flat64([p]).isfinite().all()
+
+
+def test_w_max_caps_the_multiplier():
+    p, losses = quadratic_problem()
+    opt = EUPMU([p], lr=0.1, rule="sgd", mode="implicit", dual="paper", dual_lr=10.0, w_max=2.0, backend="torch")
+    opt.combine(*losses()).backward()
+    opt.step()
+    opt.update_dual(losses()[1].detach() + 5.0)  # a large retain increase pushes w up hard
+    assert opt.w.item() == 2.0
