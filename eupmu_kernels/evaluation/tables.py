@@ -1,0 +1,64 @@
+"""Text renderings of a benchmark record: the metrics table and the target check."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("gap", "Avg. gap ↓"),
+           ("RTE", "RTE (s)"), ("peak_mem_MB", "Peak mem (MiB)"))
+DECIMALS = {"RTE": 2, "peak_mem_MB": 3}
+EUPMU_NAMES = ("eupmu", "eupmu-paper", "eupmu-reference")
+BASELINES = ("ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
+
+
+def rows(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [*record["reference"].items(), *record["methods"].items()]
+
+
+def format_cell(row: dict[str, Any], key: str) -> str:
+    mean = row["mean"].get(key)
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    digits = DECIMALS.get(key, 2)
+    std = row["std"].get(key)
+    if len(row["per_seed"]) > 1 and std is not None:
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    """Mean ± std over seeds per method; the smallest average gap among methods in bold."""
+    gaps = {name: row["mean"].get("gap", math.inf) for name, row in record["methods"].items()}
+    best = min(gaps, key=lambda name: gaps[name]) if gaps else None
+    lines = ["| Method | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for name, row in rows(record):
+        cells = [format_cell(row, key) for key, _ in COLUMNS]
+        if name == best:
+            cells[4] = f"**{cells[4]}**"
+        lines.append(f"| {row['label']} (`{name}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_check(record: dict[str, Any], method: str) -> list[str]:
+    """The unlearning-quality target of the specification, checked on mean values.
+
+    UA within 2 points of the retrained model's, RA and TA within 1 point, and a smaller average
+    gap than every baseline present in the record.
+    """
+    if method not in record["methods"]:
+        return []
+    mine, gold = record["methods"][method]["mean"], record["reference"]["retrain"]["mean"]
+    lines = []
+    for key, limit in (("UA", 2.0), ("RA", 1.0), ("TA", 1.0)):
+        diff = mine[key] - gold[key]
+        verdict = "ok" if abs(diff) <= limit else "MISSED"
+        lines.append(f"{key}: {mine[key]:.2f} vs retrained {gold[key]:.2f} "
+                     f"(diff {diff:+.2f}, limit ±{limit:g}) {verdict}")
+    for name in BASELINES:
+        if name in record["methods"]:
+            other = record["methods"][name]["mean"]["gap"]
+            verdict = "better" if mine["gap"] < other else "NOT better"
+            lines.append(f"avg gap {mine['gap']:.2f} vs {name} {other:.2f}: {verdict}")
+    return lines
