@@ -26,6 +26,13 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.dot(_opmath(x.reshape(-1)), _opmath(y.reshape(-1))).float()
 
 
+def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """sum ||t||^2 in float32 (float64 inputs: in float64), one foreach norm for the whole list."""
+    opmath = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = torch._foreach_norm(list(tensors), 2, dtype=opmath)
+    return torch.stack(norms).square().sum().float()
+
+
 class TorchBackend:
     name = "torch"
 
@@ -36,14 +43,12 @@ class TorchBackend:
         return dtype.is_floating_point
 
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
-        device = a[0].device
-        aa = [_dot(x, x) for x in a]
+        aa = _sum_of_squares(a)
         if b is None:
-            zero = torch.zeros((), dtype=torch.float32, device=device)
-            return torch.stack([torch.stack(aa).sum(), zero, zero])
-        ab = [_dot(x, y) for x, y in zip(a, b)]
-        bb = [_dot(y, y) for y in b]
-        return torch.stack([torch.stack(aa).sum(), torch.stack(ab).sum(), torch.stack(bb).sum()])
+            zero = torch.zeros_like(aa)
+            return torch.stack([aa, zero, zero])
+        ab = torch.stack([_dot(x, y) for x, y in zip(a, b)]).sum()
+        return torch.stack([aa, ab, _sum_of_squares(b)])
 
     def coefficients(self, gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None,
                      found_inf: Tensor | None) -> Tensor:
@@ -58,6 +63,9 @@ class TorchBackend:
 
     def step_(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
               grads_r: Sequence[Tensor] | None, state: RuleStateLists, coef: Tensor, hp: StepHyper) -> None:
+        if _torch_fused_applies(rule, params, state, hp):
+            _torch_fused_step(rule, params, grads_f, grads_r, state, coef, hp)
+            return
         keep = coef[SKIP] == 0
         ca, cb = coef[CA], coef[CB]
         for i, p in enumerate(params):
@@ -113,3 +121,59 @@ def _adam(p: Tensor, d: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tenso
     _write(exp_avg_sq, v, keep)
     _write(p, new_p, keep)
 
+
+
+# --- fast path: torch's own fused optimizer kernels --------------------------------------------
+# For float32/float64 storage with state of the same dtype, d is formed chunk by chunk with
+# foreach ops and handed to torch._fused_{sgd,adam,adamw}_, which skip on the device through
+# their found_inf argument. Chunks bound the temporary memory of d.
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_CHUNK_NUMEL = 1 << 22
+
+
+def _torch_fused_applies(rule: str, params: Sequence[Tensor], state: RuleStateLists, hp: StepHyper) -> bool:
+    if rule == "sgd" and (hp.dampening != 0 or not hasattr(torch, "_fused_sgd_")):
+        return False  # a zero-initialised buffer reproduces torch's first step only without dampening
+    if rule != "sgd" and not hasattr(torch, "_fused_adam_"):
+        return False
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in _FUSED_DTYPES or device.type not in ("cpu", "cuda"):
+        return False
+    states = state.momentum_buffer if rule == "sgd" else state.exp_avg + state.exp_avg_sq
+    return all(t.dtype == dtype and t.device == device for t in list(params) + states)
+
+
+def _chunks(numels: list[int]) -> list[slice]:
+    out, start, total = [], 0, 0
+    for i, n in enumerate(numels):
+        if total and total + n > _CHUNK_NUMEL:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    out.append(slice(start, len(numels)))
+    return out
+
+
+def _torch_fused_step(rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
+                      grads_r: Sequence[Tensor] | None, state: RuleStateLists, coef: Tensor, hp: StepHyper) -> None:
+    skip = coef[SKIP]
+    ca, cb = coef[CA], coef[CB]
+    params = list(params)
+    for part in _chunks([p.numel() for p in params]):
+        d = torch._foreach_mul(list(grads_f[part]), ca)
+        if grads_r is not None:
+            torch._foreach_add_(d, torch._foreach_mul(list(grads_r[part]), cb))
+        steps = state.step[part]
+        torch._foreach_add_(steps, 1.0)  # the fused kernels read the already advanced step
+        if rule == "sgd":
+            bufs = state.momentum_buffer[part] if hp.momentum != 0 else []
+            torch._fused_sgd_(params[part], d, bufs, weight_decay=hp.weight_decay, momentum=hp.momentum,
+                              lr=hp.lr, dampening=hp.dampening, nesterov=hp.nesterov, maximize=False,
+                              is_first_step=False, grad_scale=None, found_inf=skip)
+        else:
+            fused = torch._fused_adamw_ if rule == "adamw" else torch._fused_adam_
+            fused(params[part], d, state.exp_avg[part], state.exp_avg_sq[part], [], steps, lr=hp.lr,
+                  beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps, amsgrad=False,
+                  maximize=False, grad_scale=None, found_inf=skip)
+        torch._foreach_sub_(steps, [skip] * len(steps))
