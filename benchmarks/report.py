@@ -125,7 +125,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"{bw['start']['bytes_per_element']} B/elem, {bw['start']['numel']:.1e} elements)",
         f"- memory: {results['memory_source']}",
         f"- 1-minute load average: {_load(results['load_average'])} ({m['cpu_count']} CPUs; "
-        "above the CPU count, other work disturbed the timings)",
+        "a load above the CPU count means other work disturbed the timings)",
         "",
         markdown_table(results["records"]),
     ]
