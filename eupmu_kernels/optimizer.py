@@ -338,13 +338,11 @@ class EUPMU(torch.optim.Optimizer):
 
     def _dual_step(self, retain_after: Tensor, forget_after: Tensor | None) -> None:
         assert self._losses is not None and self._pending_lr is not None
-        group = self.data_parallel_group
-        before = dist_util.mean_over_ranks(torch.stack(self._losses), group)
-        r1 = dist_util.mean_over_ranks(retain_after.detach().float().reshape(()), group)
-        f1 = None
-        if forget_after is not None:
-            f1 = dist_util.mean_over_ranks(forget_after.detach().float().reshape(()), group)
-        self.weighting.update((before[0], before[1]), (f1, r1), self._pending_lr)
+        after = [retain_after] if forget_after is None else [retain_after, forget_after]
+        observed = torch.cat([torch.stack(self._losses).float(),
+                              torch.stack([t.detach().float().reshape(()) for t in after])])
+        f0, r0, r1, *f1 = dist_util.mean_over_ranks(observed, self.data_parallel_group)  # one collective
+        self.weighting.update((f0, r0), (f1[0] if f1 else None, r1), self._pending_lr)
         self._pending_lr = None
 
     @property
@@ -393,7 +391,7 @@ class EUPMU(torch.optim.Optimizer):
         if self.grad_scaler is None:
             raise RuntimeError("scaler.unscale_(optimizer) unscaled only .grad (the forget gradient); pass "
                                "grad_scaler=scaler to EUPMU so the stashed retain gradient is unscaled too")
-        inv_scale = self.grad_scaler._scale.double().reciprocal().float()
+        inv_scale = _inverse(self.grad_scaler._scale)
         for bucket in self._get_buckets():
             if bucket.retain is not None:
                 bucket.retain.mul_(inv_scale.to(bucket.device))
@@ -437,7 +435,7 @@ class EUPMU(torch.optim.Optimizer):
         cfg = self.surgery_config
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        inv_scale = None if grad_scale is None else _inverse(grad_scale)
         need_gram = self.mode == "explicit" or cfg.max_norm is not None or self.skip_nonfinite
         if need_gram:
             gram = self._global_gramian(work)
@@ -462,12 +460,12 @@ class EUPMU(torch.optim.Optimizer):
     def _rule_state(self, bucket: Bucket, params: list[Tensor]) -> tuple[RuleStateLists, StepHyper]:
         group = self.param_groups[bucket.group_index]
         lists = RuleStateLists()
+        local = dist_util.local_view
         for p in params:
             st = self.state[p]
             if "step" not in st:
                 self._init_state(p, st, group)
             lists.step.append(st["step"])
-            local = dist_util.local_view
             if self.rule == "sgd":
                 if group["momentum"] != 0:
                     lists.momentum_buffer.append(local(st["momentum_buffer"]))
@@ -574,6 +572,11 @@ class EUPMU(torch.optim.Optimizer):
     def _require_mode(self, mode: str, what: str) -> None:
         if self.mode != mode:
             raise RuntimeError(f"{what} is for mode={mode!r}, but this optimizer was built with mode={self.mode!r}")
+
+
+def _inverse(scale: Tensor) -> Tensor:
+    """1/scale in float32, computed in float64 so a power-of-two scale inverts exactly."""
+    return scale.double().reciprocal().float()
 
 
 def _split_names(params: Iterable) -> tuple[list, dict[int, str]]:

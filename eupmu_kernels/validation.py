@@ -8,6 +8,11 @@ import torch
 from torch import Tensor
 
 
+def _require_strided(t: Tensor, what: str) -> None:
+    if t.layout != torch.strided:
+        raise RuntimeError(f"{what} is sparse ({t.layout}); only dense tensors are supported")
+
+
 def check_gradient(grad: Tensor, param: Tensor, describe: Callable[[], str]) -> None:
     """A gradient must be dense and match its parameter's shape, device and dtype.
 
@@ -17,21 +22,19 @@ def check_gradient(grad: Tensor, param: Tensor, describe: Callable[[], str]) -> 
             and grad.shape == param.shape):
         return
     what = describe()
-    if grad.is_sparse or grad.layout != torch.strided:
+    if grad.layout != torch.strided:
         raise RuntimeError(f"{what} is a sparse gradient ({grad.layout}); EUPMU supports dense gradients only")
     if grad.device != param.device:
         raise RuntimeError(f"{what} is on {grad.device} but its parameter is on {param.device}")
     if grad.dtype != param.dtype:
         raise RuntimeError(f"{what} has dtype {grad.dtype} but its parameter has dtype {param.dtype}")
-    if grad.shape != param.shape:
-        raise RuntimeError(f"{what} has shape {tuple(grad.shape)} but its parameter has shape {tuple(param.shape)}")
+    raise RuntimeError(f"{what} has shape {tuple(grad.shape)} but its parameter has shape {tuple(param.shape)}")
 
 
 def check_pairs(a: Sequence[Tensor], b: Sequence[Tensor] | None, name_a: str, name_b: str) -> None:
     """Two aligned tensor lists: same length, each pair on one device with one dtype and size."""
     for i, x in enumerate(a):
-        if x.is_sparse or x.layout != torch.strided:
-            raise RuntimeError(f"{name_a}[{i}] is sparse ({x.layout}); only dense tensors are supported")
+        _require_strided(x, f"{name_a}[{i}]")
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name_a}[{i}] has dtype {x.dtype}; expected a floating-point tensor")
     if b is None:
@@ -39,8 +42,7 @@ def check_pairs(a: Sequence[Tensor], b: Sequence[Tensor] | None, name_a: str, na
     if len(a) != len(b):
         raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}")
     for i, (x, y) in enumerate(zip(a, b)):
-        if y.is_sparse or y.layout != torch.strided:
-            raise RuntimeError(f"{name_b}[{i}] is sparse ({y.layout}); only dense tensors are supported")
+        _require_strided(y, f"{name_b}[{i}]")
         if x.device != y.device:
             raise RuntimeError(f"{name_b}[{i}] is on {y.device} but {name_a}[{i}] is on {x.device}")
         if x.dtype != y.dtype:

@@ -67,14 +67,8 @@ class TritonBackend:
     # ------------------------------------------------------------------ contract
 
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
-        a = list(a)
         b = None if b is None else list(b)
-        device, dtype = _group_of(a, "a")
-        _check_dense(a, "a")
-        roles = [a]
-        if b is not None:
-            _check_partners(b, a, "b", "a", device, dtype)
-            roles.append(b)
+        device, dtype, roles = _checked_roles(list(a), b, "a", "b")
         kernels = _loaded_kernels()
         table = kernels.tables.tensor_table(device, roles)
         with _on_device(device):
@@ -92,12 +86,7 @@ class TritonBackend:
         if not grads_f:
             return
         grads_r = None if grads_r is None else list(grads_r)
-        device, dtype = _group_of(grads_f, "grads_f")
-        _check_dense(grads_f, "grads_f")
-        roles = [grads_f]
-        if grads_r is not None:
-            _check_partners(grads_r, grads_f, "grads_r", "grads_f", device, dtype)
-            roles.append(grads_r)
+        device, dtype, roles = _checked_roles(grads_f, grads_r, "grads_f", "grads_r")
         kernels = _loaded_kernels()
         update = kernels.update
         launch = update.Launch(table=kernels.tables.tensor_table(device, roles),
@@ -142,6 +131,17 @@ def _on_device(device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def _checked_roles(first: list[Tensor], second: list[Tensor] | None, first_name: str,
+                   second_name: str) -> tuple[torch.device, torch.dtype, list[list[Tensor]]]:
+    """Validate a list and its optional partner list; return the group and the table roles."""
+    device, dtype = _group_of(first, first_name)
+    _check_dense(first, first_name)
+    if second is None:
+        return device, dtype, [first]
+    _check_partners(second, first, second_name, first_name, device, dtype)
+    return device, dtype, [first, second]
 
 
 def _group_of(tensors: list[Tensor], what: str) -> tuple[torch.device, torch.dtype]:

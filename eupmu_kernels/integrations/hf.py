@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..losses import npo_from_log_ratio
 from ..optimizer import EUPMU
 
 __all__ = [
@@ -292,8 +293,7 @@ class NPOLoss:
     def __call__(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         with torch.no_grad():
             reference_log_prob = sequence_log_prob(self.reference, batch)
-        log_ratio = sequence_log_prob(model, batch) - reference_log_prob
-        return -(2.0 / self.beta) * F.logsigmoid(-self.beta * log_ratio).mean()
+        return npo_from_log_ratio(sequence_log_prob(model, batch) - reference_log_prob, self.beta)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..losses import npo_from_log_ratio
 from ..optimizer import EUPMU
 from .codec import Codec
 from .data import QAItem
@@ -99,7 +100,7 @@ def nll_loss(model: torch.nn.Module, batch: Batch) -> Tensor:
 def npo_loss(model: torch.nn.Module, batch: Batch, reference_logprob: Tensor, beta: float) -> Tensor:
     """NPO: (2/beta) E[log(1 + (pi/pi_ref)^beta)] on sequence log-probabilities; >= 0, minimised."""
     logprob, _ = sequence_logprob(model, batch)
-    return -(2.0 / beta) * F.logsigmoid(-beta * (logprob - reference_logprob)).mean()
+    return npo_from_log_ratio(logprob - reference_logprob, beta)
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning
