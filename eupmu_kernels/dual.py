@@ -144,8 +144,7 @@ class LossWeighting:
         return j / (1.0 + w) if cfg.weighting == "normalised" else j
 
     def _famo_objective(self, forget_loss: Tensor, retain_loss: Tensor, st: DualState) -> Tensor:
-        cfg = self.cfg
-        d = torch.stack([forget_loss - cfg.lower_bound_f, retain_loss - cfg.lower_bound_r]) + LOG_OFFSET
+        d = self._famo_shifted(forget_loss, retain_loss)
         check_log_argument(d.min() - LOG_OFFSET, 0.0, "each loss minus its lower bound")
         z = torch.softmax(st.logits, 0).to(d.dtype)
         c = (z / d).sum().detach()
@@ -170,15 +169,20 @@ class LossWeighting:
                                   cfg.adam_eps, cfg.adam_weight_decay)
         st.w.copy_(torch.clamp(new_w, min=0.0, max=cfg.w_max))
 
+    def _famo_shifted(self, forget_loss: Tensor, retain_loss: Tensor) -> Tensor:
+        """D_i = L_i - m_i + 1e-8 for (forget, retain), built from Python-float bounds (no copy)."""
+        cfg = self.cfg
+        return torch.stack([forget_loss - cfg.lower_bound_f, retain_loss - cfg.lower_bound_r]) + LOG_OFFSET
+
     def _famo_update(self, before, after, st: DualState) -> None:
         cfg = self.cfg
         if after[0] is None:
             raise ValueError("dual='famo' needs the forget loss after the step too: "
                              "update_dual(retain_loss_after, forget_loss_after)")
-        bounds = torch.tensor([cfg.lower_bound_f, cfg.lower_bound_r], device=st.logits.device)
-        d0 = torch.stack([before[0].detach().float(), before[1].detach().float()]).to(bounds.device) - bounds
-        d1 = torch.stack([after[0].detach().float(), after[1].detach().float()]).to(bounds.device) - bounds
-        delta = torch.log(d0 + LOG_OFFSET) - torch.log(d1 + LOG_OFFSET)
+        device = st.logits.device
+        d0 = self._famo_shifted(*(t.detach().float().to(device) for t in before))
+        d1 = self._famo_shifted(*(t.detach().float().to(device) for t in after))
+        delta = torch.log(d0) - torch.log(d1)
         z = torch.softmax(st.logits, 0)
         grad = z * (delta - (z * delta).sum())
         new_logits = _adam_descent(st.logits, grad, st.famo_m, st.famo_v, st.famo_step, cfg.famo_lr,
