@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .backends.base import A, CA, CB, CLIP, LAM, SKIP, SURGERY_METHODS, KernelBackend, SurgeryConfig
+from .backends.base import A, CLIP, LAM, SKIP, SURGERY_METHODS, KernelBackend, SurgeryConfig
 from .validation import check_pairs
 
 GroupKey = tuple[torch.device, torch.dtype]
@@ -119,4 +119,4 @@ def combine_(grads_f: Sequence[Tensor], grads_r: Sequence[Tensor] | None, coef: 
                                             coef.to(key[0], non_blocking=True))
 
 
-__all__ = ["SurgeryResult", "gramian", "coefficients", "surgery_", "combine_", "CA", "CB"]
+__all__ = ["SurgeryResult", "gramian", "coefficients", "surgery_", "combine_"]
