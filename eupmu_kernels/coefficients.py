@@ -1,8 +1,10 @@
 """Surgery coefficients from the Gramian, computed on the device with torch ops.
 
-This is the torch backend's implementation of the coefficient stage and the fallback of the
-other backends. A handful of tiny ops on a 3-element tensor: no host reads, no branches on
-device values.
+The torch backend's coefficient stage, and the fallback of the other backends. A handful of tiny
+ops on a 3-element tensor: no host reads, no branches on device values. The Gramian arrives in
+float64 (docs/design.md, Kernel contract: any finite float32 gradient has a finite, non-zero
+float64 Gramian), the coefficients are computed in float64 and only the final vector is rounded
+to float32.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .backends.base import SurgeryConfig
-from .reference import CLIP_EPS
+
+CLIP_EPS = 1e-6
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -37,15 +40,21 @@ def pair_coefficients(aa: Tensor, ab: Tensor, bb: Tensor, cfg: SurgeryConfig) ->
     raise ValueError(f"unknown surgery method {cfg.method!r}")
 
 
+def unscaled(gram: Tensor, inv_scale: Tensor | None) -> Tensor:
+    """The Gramian of the unscaled gradients (GradScaler multiplies every gradient by the scale)."""
+    g = gram.to(torch.float64)
+    if inv_scale is None:
+        return g
+    inv = inv_scale.to(device=g.device, dtype=torch.float64).reshape(())
+    return g * (inv * inv)
+
+
 def coefficients(gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None = None,
                  found_inf: Tensor | None = None) -> Tensor:
     """The float32[8] coefficient vector of backends.base from a (possibly scaled) Gramian."""
-    g = gram.to(torch.float32)
-    if inv_scale is None:
-        inv = torch.ones((), dtype=torch.float32, device=g.device)
-    else:
-        inv = inv_scale.to(device=g.device, dtype=torch.float32).reshape(())
-        g = g * (inv * inv)
+    g = unscaled(gram, inv_scale)
+    inv = (torch.ones((), dtype=torch.float64, device=g.device) if inv_scale is None
+           else inv_scale.to(device=g.device, dtype=torch.float64).reshape(()))
     aa, ab, bb = g[0], g[1], g[2]
     skip = ~torch.isfinite(g).all()
     if found_inf is not None:
@@ -60,4 +69,4 @@ def coefficients(gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None = No
     cos = _safe_div(ab, torch.sqrt(aa) * torch.sqrt(bb))
     ca = torch.where(skip, torch.ones_like(a), a * clip * inv)
     cb = torch.where(skip, torch.zeros_like(b), b * clip * inv)
-    return torch.stack([ca, cb, skip.to(torch.float32), b, clip, cos, dnorm, a])
+    return torch.stack([ca, cb, skip.to(torch.float64), b, clip, cos, dnorm, a]).to(torch.float32)

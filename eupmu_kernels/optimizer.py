@@ -18,7 +18,7 @@ Implicit mode (one backward pass, a dual multiplier on the device)::
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -26,25 +26,32 @@ from torch import Tensor
 
 from . import dispatch
 from . import distributed as dist_util
-from .backends.base import CA, CB, CLIP, COS, LAM, RULES, SKIP, A, RuleStateLists, StepHyper
+from .backends.base import CLIP, COS, LAM, SKIP, A, RuleStateLists
 from .buckets import DEFAULT_BUCKET_NUMEL, Bucket, build_buckets
-from .dual import DualConfig, LossWeighting, preset
+from .capture import RetainCapture
+from .coefficients import unscaled
+from .dual import DualConfig, DualController, preset
 from .ops import make_config, sum_gramians
+from .rules import BaseRule, get_rule
+from .rules.base import check_number
 from .validation import check_gradient
 
 MODES = ("implicit", "explicit")
-_ADAM_STATE = ("exp_avg", "exp_avg_sq")
+SURGERIES = ("ungrad", "pcgrad", "graddiff")
+_RULE_ARGUMENTS = {"betas": (0.9, 0.999), "eps": 1e-8, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
 
 
 class EUPMU(torch.optim.Optimizer):
     """Unlearning optimizer: gradient surgery (explicit) or implicit surgery (one backward pass).
 
     Args:
-        params: parameters or param groups, as for any ``torch.optim`` optimizer; an iterable of
-            ``(name, parameter)`` pairs (``model.named_parameters()``) makes errors name them.
-        lr, betas, eps, weight_decay, momentum, dampening, nesterov: the base rule's
-            hyperparameters, per group, with ``torch.optim`` meanings and defaults
-            (``weight_decay`` defaults to 1e-2 for adamw and 0 otherwise).
+        params: parameters or param groups, as for any ``torch.optim`` optimizer; ``(name,
+            parameter)`` pairs (``model.named_parameters()``) make errors name the parameters and
+            are kept as ``param_names`` in the state dict, as ``torch.optim`` does.
+        lr, weight_decay: per group, ``torch.optim`` meanings (``weight_decay`` defaults to 1e-2
+            for adamw and 0 otherwise).
+        betas, eps: Adam/AdamW only; momentum, dampening, nesterov: SGD only (``torch.optim``
+            defaults). Setting one that the rule does not use is an error.
         rule: base update rule, ``"adamw"``, ``"adam"`` or ``"sgd"``.
         mode: ``"implicit"`` (one backward pass through :meth:`combine`) or ``"explicit"``.
         surgery: explicit-mode rule, ``"ungrad"`` (unilateral, default), ``"pcgrad"``, ``"graddiff"``.
@@ -97,12 +104,12 @@ class EUPMU(torch.optim.Optimizer):
         *,
         rule: str = "adamw",
         mode: str = "implicit",
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         weight_decay: float | None = None,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
+        momentum: float | None = None,
+        dampening: float | None = None,
+        nesterov: bool | None = None,
         surgery: str = "ungrad",
         tolerance: float = 0.0,
         alpha: float = 1.0,
@@ -124,95 +131,134 @@ class EUPMU(torch.optim.Optimizer):
         data_parallel_group: Any = "auto",
         grad_scaler: Any = None,
     ) -> None:
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        base_rule = get_rule(rule)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if surgery not in ("ungrad", "pcgrad", "graddiff"):
-            raise ValueError(f"surgery must be 'ungrad', 'pcgrad' or 'graddiff', got {surgery!r}")
-        if not lr >= 0.0:
-            raise ValueError(f"invalid learning rate {lr}")
-        if mode == "explicit" and tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0 in explicit mode, got {tolerance}")
-        if weight_decay is None:
-            weight_decay = 1e-2 if rule == "adamw" else 0.0
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+        if surgery not in SURGERIES:
+            raise ValueError(f"surgery must be one of {SURGERIES}, got {surgery!r}")
         if dual_step_scale not in (None, "lr", "one"):
             raise ValueError(f"dual_step_scale must be 'lr' or 'one', got {dual_step_scale!r}")
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
+        if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1:
+            raise ValueError(f"bucket_numel must be an int >= 1, got {bucket_numel!r}")
+        check_number(tolerance, "tolerance", "EUPMU", low=0.0 if mode == "explicit" else -float("inf"))
+        check_number(alpha, "alpha", "EUPMU", low=-float("inf"))
+        if max_grad_norm is not None:
+            check_number(max_grad_norm, "max_grad_norm", "EUPMU")
+            if max_grad_norm == 0:
+                raise ValueError("EUPMU: invalid max_grad_norm 0 (expected a positive value or None)")
 
-        params, self._param_names = _split_names(params)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        dampening=dampening, nesterov=nesterov)
-        super().__init__(params, defaults)
+        given = dict(betas=betas, eps=eps, momentum=momentum, dampening=dampening, nesterov=nesterov)
+        defaults: dict[str, Any] = {"lr": lr, **base_rule.default_hyperparameters()}
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key in defaults:
+                defaults[key] = tuple(value) if key == "betas" else value
+            elif value != _RULE_ARGUMENTS[key]:
+                raise ValueError(f"EUPMU: {key}={value!r} has no effect with rule={rule!r}")
+        if weight_decay is not None:
+            defaults["weight_decay"] = weight_decay
 
         self.rule = rule
+        self.base_rule: BaseRule = base_rule
         self.mode = mode
+        super().__init__(params, defaults)
+
         self.surgery_config = make_config(surgery if mode == "explicit" else "none",
                                           tolerance if mode == "explicit" else 0.0, alpha, max_grad_norm)
-        self.skip_nonfinite = skip_nonfinite
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.state_dtype = state_dtype
         self.backend = dispatch.requested_backend(backend)
         self.bucket_numel = bucket_numel
-        self.retain_grad_views = retain_grad_views and mode == "explicit"
         self.process_group = process_group
-        self.data_parallel_group = dist_util.resolve_data_parallel_group(data_parallel_group)
         self.grad_scaler = grad_scaler
-        self.dual_config: DualConfig = preset(
-            dual,
-            lr=dual_lr if dual_lr is not None else (0.025 if dual == "famo" else None),
-            famo_lr=dual_lr if dual == "famo" else None,
-            w_init=w_init,
-            w_max=w_max,
-            psi=loss_transform,
-            phi=loss_transform,
-            scale_by_lr=None if dual_step_scale is None else dual_step_scale == "lr",
-            weighting=weighting,
-            tolerance=tolerance,
-            lower_bound_f=loss_lower_bounds[0],
-            lower_bound_r=loss_lower_bounds[1],
-        )
-        self.weighting = LossWeighting(self.dual_config)
+        self.dual = DualController(
+            _dual_config(dual, dual_lr, w_init, w_max, loss_transform, dual_step_scale, weighting, tolerance,
+                         loss_lower_bounds),
+            dist_util.resolve_data_parallel_group(data_parallel_group))
+        self.capture = RetainCapture(use_views=retain_grad_views and mode == "explicit")
 
         self._buckets: list[Bucket] | None = None
-        self._retain_captured = False  # a retain gradient was stashed since the last step
-        self._retain_present: dict[int, bool] = {}
-        self._armed = False  # .grad tensors currently point at the retain views
-        self._losses: tuple[Tensor, Tensor] | None = None  # mean (L_f, L_r) at theta_t of the last step
-        self._loss_sum: Tensor | None = None  # (L_f, L_r) summed over this step's micro-batches
-        self._loss_count = 0
-        self._pending_lr: float | None = None  # set by step(), consumed by the dual update
         self._stats: dict[str, Tensor] = {}
         self._skipped: Tensor | None = None
+        self._warned_no_combine = False
 
-    # ------------------------------------------------------------------ param groups, buckets
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def dual_config(self) -> DualConfig:
+        return self.dual.cfg
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        params, names = _split_names(params)
-        if hasattr(self, "_param_names"):
-            self._param_names.update(names)
-        super().add_param_group({**param_group, "params": params})
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if params and isinstance(params[0], tuple):
+            group["param_names"] = [name for name, _ in params]
+            params = [p for _, p in params]
+        group["params"] = params
+        for key in _RULE_ARGUMENTS:
+            if key in group and key not in self.defaults and group[key] != _RULE_ARGUMENTS[key]:
+                raise ValueError(f"EUPMU: param group sets {key}={group[key]!r}, which has no effect with "
+                                 f"rule={self.rule!r}")
+        super().add_param_group(group)
+        self.base_rule.check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
         if getattr(self, "_buckets", None) is not None:
-            self._disarm()
+            self.capture.disarm()
             self._buckets = None
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (mode={self.mode!r}, rule={self.rule!r}, backend={self.backend!r}"]
+        if self.mode == "explicit":
+            cfg = self.surgery_config
+            lines.append(f"    surgery={cfg.method!r}, tolerance={cfg.eps}"
+                         + (f", alpha={cfg.alpha}" if cfg.method == "graddiff" else ""))
+        else:
+            d = self.dual.cfg
+            lines.append(f"    dual={d.rule!r}, dual_lr={d.famo_lr if d.rule == 'famo' else d.lr}, "
+                         f"tolerance={d.tolerance}, w_init={d.w_init}, w_max={d.w_max}, "
+                         f"loss_transform={d.psi!r}, weighting={d.weighting!r}")
+        lines.append(f"    max_grad_norm={self.surgery_config.max_norm}, skip_nonfinite={self.skip_nonfinite}, "
+                     f"state_dtype={self.state_dtype})")
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(k for k in group if k not in ("params", "param_names")):
+                lines.append(f"    {key}: {group[key]}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ buckets
 
     def _get_buckets(self) -> list[Bucket]:
         if self._buckets is None:
-            self._buckets = build_buckets(self.param_groups, self._param_names, self.bucket_numel,
+            self._buckets = build_buckets(self.param_groups, self._names_by_id(), self.bucket_numel,
                                           lambda p: dist_util.shard_group(p, self.process_group))
+            if self.mode == "explicit":
+                self.capture.bind(self._buckets)
         return self._buckets
 
-    def _name(self, p: Tensor) -> str:
+    @property
+    def buckets(self) -> tuple[Bucket, ...]:
+        """The parameter buckets (built on first use): their layout, and in explicit mode the retain buffer."""
+        return tuple(self._get_buckets())
+
+    def _names_by_id(self) -> dict[int, str]:
+        names: dict[int, str] = {}
+        for group in self.param_groups:
+            for name, p in zip(group.get("param_names", ()), group["params"]):
+                names[id(p)] = name
+        return names
+
+    def _describe(self, p: Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
             for pi, q in enumerate(group["params"]):
                 if q is p:
-                    return self._param_names.get(id(p), f"group {gi} param #{pi}")
-        return "<unknown parameter>"
+                    names = group.get("param_names")
+                    return f"parameter {names[pi]!r}" if names else f"parameter 'group {gi} param #{pi}'"
+        return "an unknown parameter"
 
-    # ------------------------------------------------------------------ retain gradient capture
+    # ------------------------------------------------------------------ retain gradient (explicit mode)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the forget/combined gradients (``.grad``) and the retain buffer.
@@ -221,34 +267,12 @@ class EUPMU(torch.optim.Optimizer):
         its zeroed view of the retain buffer, so the next backward pass (the retain loss) is
         captured without a copy; :meth:`stash_retain_grad` then detaches it.
         """
+        self.capture.disarm()
         super().zero_grad(set_to_none=set_to_none)
-        self._retain_captured = False
-        self._retain_present = {}
-        self._armed = False
         if self.mode != "explicit":
             return
-        for bucket in self._get_buckets():
-            if bucket.retain is not None:
-                bucket.retain.zero_()
-        if self.retain_grad_views:
-            self._arm()
-
-    def _arm(self) -> None:
-        for bucket in self._get_buckets():
-            bucket.ensure_retain_buffer()
-            for p, view in zip(bucket.params, bucket.retain_views):
-                if p.requires_grad and p.grad is None and not dist_util.is_dtensor(p):
-                    p.grad = view
-        self._armed = True
-
-    def _disarm(self) -> None:
-        if not self._armed or self._buckets is None:
-            return
-        for bucket in self._buckets:
-            for p, view in zip(bucket.params, bucket.retain_views):
-                if p.grad is view:
-                    p.grad = None
-        self._armed = False
+        self._get_buckets()
+        self.capture.clear()
 
     def stash_retain_grad(self) -> None:
         """Take the current ``.grad`` as (a further micro-batch of) the retain gradient.
@@ -256,60 +280,34 @@ class EUPMU(torch.optim.Optimizer):
         The retain buffer accumulates across calls until the next :meth:`step` or
         :meth:`zero_grad`; ``.grad`` is cleared so the forget backward pass starts from zero.
         Call it after all retain backward passes and before any forget backward pass (use
-        :meth:`retain_grad` to interleave micro-batches).
+        :meth:`retain_grad` to interleave micro-batches). A parameter whose gradient stayed None
+        has no retain gradient, as in ``torch.optim``.
         """
         self._require_mode("explicit", "stash_retain_grad()")
-        first = not self._retain_captured
-        for bucket in self._get_buckets():
-            bucket.ensure_retain_buffer()
-            for p, view in zip(bucket.params, bucket.retain_views):
-                grad = p.grad
-                if grad is view:  # armed: the backward pass already wrote into the buffer
-                    self._retain_present[id(p)] = True
-                elif grad is not None:
-                    grad = dist_util.local_view(grad)
-                    check_gradient(grad, dist_util.local_view(p),
-                                   lambda p=p: f"retain gradient of parameter {self._name(p)!r}")
-                    if first and not self._armed:
-                        view.copy_(grad)
-                    else:
-                        view.add_(grad)
-                    self._retain_present[id(p)] = True
-                elif first and not self._armed:
-                    view.zero_()
-                p.grad = None
-        self._armed = False
-        self._retain_captured = True
+        self._get_buckets()
+        self.capture.stash(self._describe)
 
-    @contextlib.contextmanager
     def retain_grad(self) -> Iterator[None]:
-        """Within the block, backward passes accumulate into the retain buffer (no copy).
+        """Context manager: backward passes inside it accumulate into the retain buffer (no copy).
 
         ``.grad`` (the forget gradient accumulated so far) is set aside on entry and restored on
         exit, so retain and forget micro-batches may be interleaved freely.
         """
         self._require_mode("explicit", "retain_grad()")
-        if self._armed:
-            self._disarm()
-        held: dict[int, Tensor | None] = {}
-        fresh = not self._retain_captured
+        self._get_buckets()
+        return self.capture.accumulate()
+
+    def retain_grads(self) -> list[Tensor | None]:
+        """The captured retain gradient per parameter, in param-group order (None where absent).
+
+        Views of the optimizer's buffer, valid until the next :meth:`step` or :meth:`zero_grad`."""
+        self._require_mode("explicit", "retain_grads()")
+        out: dict[int, Tensor] = {}
         for bucket in self._get_buckets():
-            bucket.ensure_retain_buffer()
-            if fresh:
-                bucket.retain.zero_()
             for p, view in zip(bucket.params, bucket.retain_views):
-                held[id(p)] = p.grad
-                p.grad = view if p.requires_grad and not dist_util.is_dtensor(p) else None
-        self._retain_captured = True
-        try:
-            yield
-        finally:
-            for bucket in self._get_buckets():
-                for p, view in zip(bucket.params, bucket.retain_views):
-                    if dist_util.is_dtensor(p) and p.grad is not None:  # sharded grads arrive as new tensors
-                        view.add_(dist_util.local_view(p.grad))
-                    self._retain_present[id(p)] = self._retain_present.get(id(p), False) or p.requires_grad
-                    p.grad = held.get(id(p))
+                if self.capture.has(p):
+                    out[id(p)] = view
+        return [out.get(id(p)) for g in self.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ implicit mode
 
@@ -320,35 +318,17 @@ class EUPMU(torch.optim.Optimizer):
         new parameters) serves as the lagged L_r(theta_{t+1}) for it first.
         """
         self._require_mode("implicit", "combine()")
-        if forget_loss.dim() != 0 or retain_loss.dim() != 0:
-            raise ValueError("combine() expects scalar losses")
-        if self._pending_lr is not None and self._losses is not None:
-            self._dual_step(retain_loss, forget_loss)
-        observed = torch.stack([forget_loss.detach(), retain_loss.detach()]).float()
-        self._loss_sum = observed if self._loss_count == 0 else self._loss_sum + observed
-        self._loss_count += 1
-        return self.weighting.objective(forget_loss, retain_loss)
+        return self.dual.objective(forget_loss, retain_loss)
 
     def update_dual(self, retain_loss_after: Tensor, forget_loss_after: Tensor | None = None) -> None:
         """Exact dual update from L_r(theta_{t+1}) on the same retain batch (no-grad forward)."""
         self._require_mode("implicit", "update_dual()")
-        if self._pending_lr is None or self._losses is None:
-            raise RuntimeError("update_dual() must follow combine() and step()")
-        self._dual_step(retain_loss_after, forget_loss_after)
-
-    def _dual_step(self, retain_after: Tensor, forget_after: Tensor | None) -> None:
-        assert self._losses is not None and self._pending_lr is not None
-        after = [retain_after] if forget_after is None else [retain_after, forget_after]
-        observed = torch.cat([torch.stack(self._losses).float(),
-                              torch.stack([t.detach().float().reshape(()) for t in after])])
-        f0, r0, r1, *f1 = dist_util.mean_over_ranks(observed, self.data_parallel_group)  # one collective
-        self.weighting.update((f0, r0), (f1[0] if f1 else None, r1), self._pending_lr)
-        self._pending_lr = None
+        self.dual.update(retain_loss_after, forget_loss_after)
 
     @property
     def w(self) -> Tensor | None:
         """The multiplier w (device tensor), or None before the first combine()."""
-        return None if self.weighting.state is None else self.weighting.state.w
+        return self.dual.w
 
     # ------------------------------------------------------------------ the step
 
@@ -358,29 +338,44 @@ class EUPMU(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.mode == "explicit" and not self._retain_captured:
+        explicit = self.mode == "explicit"
+        if explicit and not self.capture.captured:
             raise RuntimeError("EUPMU(mode='explicit').step() needs a retain gradient: call "
                                "retain_loss.backward(); opt.stash_retain_grad() before forget_loss.backward()")
+        if not explicit:
+            self._warn_if_uncombined()
+        hypers = [self.base_rule.step_hyper(g) for g in self._checked_groups()]
         work = self._collect()
-        if not work:
-            return loss
-        self._unscale_retain_after_prior_unscale()
-        coef, gram = self._coefficients(work)
-        for bucket, idx, grads_f, grads_r in work:
-            backend = dispatch.get_backend(self.backend, bucket.device, bucket.dtype)
-            params = [bucket.params[i] for i in idx]
-            state, hp = self._rule_state(bucket, params)
-            params = [dist_util.local_view(p) for p in params]
-            backend.step_(self.rule, params, grads_f, grads_r, state, coef.to(bucket.device, non_blocking=True), hp)
-        self._record_stats(gram, coef)
-        self._report_overflow_to_scaler(coef)
-        self._retain_captured = False
-        self._retain_present = {}
-        if self.mode == "implicit" and self._loss_count > 0:
-            self._losses = tuple(self._loss_sum / self._loss_count)  # type: ignore[assignment]
-            self._loss_count = 0
-            self._pending_lr = float(self.param_groups[0]["lr"])
+        if work:
+            self._unscale_retain_after_prior_unscale()
+            coef, gram = self._coefficients(work)
+            for bucket, idx, grads_f, grads_r in work:
+                backend = dispatch.get_backend(self.backend, bucket.device, bucket.dtype)
+                params = [bucket.params[i] for i in idx]
+                state = self._rule_state(bucket, params)
+                params = [dist_util.local_view(p) for p in params]
+                backend.step_(self.rule, params, grads_f, grads_r, state, coef.to(bucket.device, non_blocking=True),
+                              hypers[bucket.group_index])
+            self._record_stats(gram, coef)
+            self._report_overflow_to_scaler(coef)
+        self.capture.release()
+        if not explicit:
+            self.dual.end_step(hypers[0].lr if hypers else 0.0)
         return loss
+
+    def _checked_groups(self) -> list[dict[str, Any]]:
+        """Groups as the step will read them (a scheduler may have changed lr): validated again."""
+        for i, group in enumerate(self.param_groups):
+            self.base_rule.check_group(group, f"param group {i}")
+        return self.param_groups
+
+    def _warn_if_uncombined(self) -> None:
+        if self.dual.observed_this_step or self._warned_no_combine:
+            return
+        self._warned_no_combine = True
+        warnings.warn(f"EUPMU(mode='implicit').step() ran without combine(): the step applied .grad as a plain "
+                      f"{self.rule} update and the multiplier w took no part. Build the loss with "
+                      "opt.combine(forget_loss, retain_loss) before backward().", stacklevel=5)
 
     def _unscale_retain_after_prior_unscale(self) -> None:
         """GradScaler with a prior ``scaler.unscale_(opt)``: g_f is unscaled, g_r not yet."""
@@ -405,14 +400,17 @@ class EUPMU(torch.optim.Optimizer):
             flag.copy_(torch.maximum(flag, coef[SKIP].to(device=flag.device, dtype=flag.dtype)))
 
     def _collect(self) -> list[tuple[Bucket, list[int], list[Tensor], list[Tensor] | None]]:
-        """Per bucket: indices of participating parameters, their g_f and (explicit) g_r lists."""
+        """Per bucket: indices of participating parameters, their g_f and (explicit) g_r lists.
+
+        A parameter takes part when it has a forget (or combined) gradient or, in explicit mode,
+        a retain gradient; like ``torch.optim``, one with neither is left alone entirely."""
         explicit = self.mode == "explicit"
         work = []
         for bucket in self._get_buckets():
             idx, grads_f, grads_r = [], [], []
             for i, p in enumerate(bucket.params):
                 grad = p.grad
-                has_retain = explicit and self._retain_present.get(id(p), False)
+                has_retain = explicit and self.capture.has(p)
                 if grad is None and not has_retain:
                     continue
                 local = dist_util.local_view(p)
@@ -420,11 +418,11 @@ class EUPMU(torch.optim.Optimizer):
                     grad = torch.zeros_like(local)
                 else:
                     grad = dist_util.local_view(grad)
-                    check_gradient(grad, local, lambda p=p: f"gradient of parameter {self._name(p)!r}")
+                    check_gradient(grad, local, lambda p=p: f"gradient of {self._describe(p)}")
                 idx.append(i)
                 grads_f.append(grad)
                 if explicit:
-                    grads_r.append(bucket.retain_views[i])
+                    grads_r.append(bucket.retain_views[i])  # zero where the parameter has no retain gradient
             if idx:
                 work.append((bucket, idx, grads_f, grads_r if explicit else None))
         return work
@@ -440,8 +438,9 @@ class EUPMU(torch.optim.Optimizer):
         if need_gram:
             gram = self._global_gramian(work)
         else:
-            gram = torch.zeros(3, dtype=torch.float32, device=first_bucket.device)
-        return backend.coefficients(gram, cfg, inv_scale, found_inf), (gram if need_gram else None)
+            gram = torch.zeros(3, dtype=torch.float64, device=first_bucket.device)
+        coef = backend.coefficients(gram, cfg, inv_scale, found_inf)
+        return coef, (unscaled(gram, inv_scale) if need_gram else None)
 
     def _global_gramian(self, work) -> Tensor:
         """Sum of bucket Gramians; partial sums of sharded buckets are all-reduced per group."""
@@ -449,6 +448,7 @@ class EUPMU(torch.optim.Optimizer):
         sharded: dict[int, tuple[Any, list[Tensor]]] = {}
         for bucket, _, grads_f, grads_r in work:
             part = dispatch.get_backend(self.backend, bucket.device, bucket.dtype).gramian(grads_f, grads_r)
+            part = part.to(torch.float64)
             if bucket.reduce_group is None:
                 local_parts.append(part)
             else:
@@ -457,38 +457,27 @@ class EUPMU(torch.optim.Optimizer):
             local_parts.append(dist_util.all_reduce_sum_(sum_gramians(parts).clone(), group))
         return sum_gramians(local_parts)
 
-    def _rule_state(self, bucket: Bucket, params: list[Tensor]) -> tuple[RuleStateLists, StepHyper]:
+    def _rule_state(self, bucket: Bucket, params: list[Tensor]) -> RuleStateLists:
         group = self.param_groups[bucket.group_index]
+        keys = self.base_rule.active_state_keys(group)
         lists = RuleStateLists()
-        local = dist_util.local_view
         for p in params:
             st = self.state[p]
             if "step" not in st:
-                self._init_state(p, st, group)
+                self._init_state(p, st, keys)
             lists.step.append(st["step"])
-            if self.rule == "sgd":
-                if group["momentum"] != 0:
-                    lists.momentum_buffer.append(local(st["momentum_buffer"]))
-            else:
-                lists.exp_avg.append(local(st["exp_avg"]))
-                lists.exp_avg_sq.append(local(st["exp_avg_sq"]))
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            raise TypeError("EUPMU takes a float learning rate; a Tensor lr is not supported")
-        hp = StepHyper(lr=float(lr), beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                       weight_decay=group["weight_decay"], momentum=group["momentum"],
-                       dampening=group["dampening"], nesterov=group["nesterov"])
-        return lists, hp
+            for key in keys:
+                if key not in st:
+                    raise RuntimeError(f"the optimizer state of {self._describe(p)} has no {key!r}: it was loaded "
+                                       f"from a checkpoint of another rule than rule={self.rule!r}")
+                getattr(lists, key).append(dist_util.local_view(st[key]))
+        return lists
 
-    def _init_state(self, p: Tensor, st: dict, group: dict) -> None:
+    def _init_state(self, p: Tensor, st: dict, keys: tuple[str, ...]) -> None:
         st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         dtype = self.state_dtype or p.dtype
-        if self.rule == "sgd":
-            if group["momentum"] != 0:
-                st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        else:
-            for key in _ADAM_STATE:
-                st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        for key in keys:
+            st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _record_stats(self, gram: Tensor | None, coef: Tensor) -> None:
         if self._skipped is None:
@@ -498,17 +487,20 @@ class EUPMU(torch.optim.Optimizer):
         self._stats = {"clip": coef[CLIP], "skipped": self._skipped}
         if self.mode == "explicit":
             self._stats.update({"coefficients": torch.stack([coef[A], coef[LAM]]), "lambda": coef[LAM],
-                                "cos": coef[COS], "direction_scale": torch.stack([coef[CA], coef[CB]])})
+                                "cos": coef[COS]})
         if gram is not None:
             self._stats["gramian"] = gram
 
     def stats(self) -> dict[str, Tensor]:
-        """Device tensors of the last step: ``gramian``, ``clip``, ``skipped`` (non-finite steps so
-        far); explicit mode adds ``lambda``, ``coefficients`` (a, b), ``cos``; implicit mode ``w``.
-        In implicit mode ``gramian`` is (||g||^2, 0, 0) of the combined gradient."""
+        """Device tensors of the last step, nothing read by the host.
+
+        ``gramian`` (float64, of the unscaled gradients), ``clip``, ``skipped`` (non-finite steps
+        so far); explicit mode adds ``lambda``, ``coefficients`` (a, b) and ``cos``; implicit mode
+        ``w`` and ``dual_skipped`` (dual updates skipped for non-finite losses), and there
+        ``gramian`` is (||g||^2, 0, 0) of the combined gradient."""
         out = dict(self._stats)
-        if self.w is not None:
-            out["w"] = self.w
+        if self.mode == "implicit":
+            out.update(self.dual.stats())
         if "skipped" not in out and self._skipped is not None:
             out["skipped"] = self._skipped
         return out
@@ -517,29 +509,53 @@ class EUPMU(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        extra: dict[str, Any] = {"pending_lr": self._pending_lr}
-        if self.weighting.state is not None:
-            extra["dual"] = self.weighting.state.to_dict()
-        if self._losses is not None:
-            extra["losses"] = self._losses
+        for group in sd["param_groups"]:
+            for key, value in self.base_rule.checkpoint_keys:
+                group.setdefault(key, value)
+        extra: dict[str, Any] = {"mode": self.mode, "rule": self.rule}
+        if self.mode == "implicit":
+            extra.update(self.dual.state_dict())
         if self._skipped is not None:
             extra["skipped"] = self._skipped
         sd["eupmu"] = extra
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an EUPMU state dict, or a ``torch.optim`` SGD/Adam/AdamW one of a compatible rule.
+
+        Group keys the checkpoint lacks (e.g. ``momentum`` in an AdamW checkpoint) take this
+        optimizer's defaults; a checkpoint of another mode, or whose state belongs to another base
+        rule (Adam moments for ``rule="sgd"`` or the reverse), is refused with a clear error."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("eupmu", {})
+        self._check_checkpoint(state_dict, extra)
         super().load_state_dict(state_dict)
+        for i, group in enumerate(self.param_groups):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self.base_rule.check_group(group, f"param group {i} of the loaded state")
         self._restore_state_dtypes(state_dict)
-        self._pending_lr = extra.get("pending_lr")
         device = self._first_device()
-        if "dual" in extra:
-            self.weighting.ensure_state(device).load(extra["dual"])
-        if "losses" in extra:
-            self._losses = tuple(t.detach().clone().to(device) for t in extra["losses"])  # type: ignore
+        if self.mode == "implicit":
+            self.dual.load_state_dict(extra, device)
         if "skipped" in extra:
             self._skipped = extra["skipped"].detach().clone().to(device)
+        self._buckets = None
+        self.capture.disarm()
+
+    def _check_checkpoint(self, state_dict: dict[str, Any], extra: dict[str, Any]) -> None:
+        saved_mode = extra.get("mode")
+        if saved_mode is not None and saved_mode != self.mode:
+            raise ValueError(f"this checkpoint is of an EUPMU optimizer with mode={saved_mode!r}; it cannot be "
+                             f"loaded into one with mode={self.mode!r}")
+        ours = set(self.base_rule.state_keys)
+        for saved in state_dict.get("state", {}).values():
+            keys = {k for k, v in saved.items() if isinstance(v, Tensor) and k != "step"}
+            foreign = keys - ours
+            if foreign:
+                raise ValueError(f"the checkpoint holds optimizer state {sorted(foreign)}, which rule={self.rule!r} "
+                                 f"does not use (it keeps {sorted(ours) or 'no state'}): it was saved by an "
+                                 "optimizer with another base rule")
 
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch casts all float state to the parameter dtype; restore ours exactly instead."""
@@ -549,17 +565,25 @@ class EUPMU(torch.optim.Optimizer):
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
+            st = self.state[p]
             for key, value in saved.items():
                 if not isinstance(value, Tensor):
+                    if value is None:
+                        st.pop(key, None)  # e.g. torch.optim.SGD's momentum_buffer=None
                     continue
                 if key == "step":
                     dtype = torch.float32
                     value = value.reshape(())
                 else:
                     dtype = self.state_dtype or p.dtype
-                self.state[p][key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
-            if "step" not in self.state[p]:  # a torch.optim.SGD state has no step
-                self.state[p]["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+                st[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+            if "step" not in st:  # a torch.optim.SGD state has no step
+                st["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            for key in self.base_rule.active_state_keys(group):
+                if key not in st:  # e.g. SGD without momentum saved, momentum now > 0: start the buffer
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st[key] = torch.zeros_like(p, dtype=self.state_dtype or p.dtype)
 
     def _first_device(self) -> torch.device:
         for g in self.param_groups:
@@ -574,27 +598,27 @@ class EUPMU(torch.optim.Optimizer):
             raise RuntimeError(f"{what} is for mode={mode!r}, but this optimizer was built with mode={self.mode!r}")
 
 
+def _dual_config(dual: str, dual_lr: float | None, w_init: float, w_max: float | None, loss_transform: str | None,
+                 dual_step_scale: str | None, weighting: str, tolerance: float,
+                 loss_lower_bounds: tuple[float, float]) -> DualConfig:
+    if len(tuple(loss_lower_bounds)) != 2:
+        raise ValueError(f"loss_lower_bounds must be a pair (m_f, m_r), got {loss_lower_bounds!r}")
+    return preset(
+        dual,
+        lr=None if dual == "famo" else dual_lr,
+        famo_lr=dual_lr if dual == "famo" else None,
+        w_init=w_init,
+        w_max=w_max,
+        psi=loss_transform,
+        phi=loss_transform,
+        scale_by_lr=None if dual_step_scale is None else dual_step_scale == "lr",
+        weighting=weighting,
+        tolerance=tolerance,
+        lower_bound_f=loss_lower_bounds[0],
+        lower_bound_r=loss_lower_bounds[1],
+    )
+
+
 def _inverse(scale: Tensor) -> Tensor:
     """1/scale in float32, computed in float64 so a power-of-two scale inverts exactly."""
     return scale.double().reciprocal().float()
-
-
-def _split_names(params: Iterable) -> tuple[list, dict[int, str]]:
-    """Accept parameters, param-group dicts, or (name, parameter) pairs; collect names by id."""
-    params = list(params)
-    names: dict[int, str] = {}
-    if params and isinstance(params[0], tuple):
-        for name, p in params:
-            names[id(p)] = name
-        return [p for _, p in params], names
-    out = []
-    for entry in params:
-        if isinstance(entry, dict) and entry.get("params") is not None:
-            ps = entry["params"]
-            ps = [ps] if isinstance(ps, Tensor) else list(ps)
-            if ps and isinstance(ps[0], tuple):
-                names.update({id(p): n for n, p in ps})
-                ps = [p for _, p in ps]
-            entry = {**entry, "params": ps}
-        out.append(entry)
-    return out, names

@@ -102,7 +102,8 @@ def _zero_style_gramian(rank: int, world: int) -> dict:
     p.grad = g_f[shard].clone()
     opt.step()
     return {"gramian": opt.stats()["gramian"].clone(),
-            "expected": torch.stack([g_f @ g_f, g_f @ g_r, g_r @ g_r])}
+            "expected": torch.stack([g_f.double() @ g_f.double(), g_f.double() @ g_r.double(),
+                                     g_r.double() @ g_r.double()])}
 
 
 def worker(rank: int, world: int, port: int, out_path: str) -> None:

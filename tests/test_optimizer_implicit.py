@@ -146,7 +146,7 @@ def test_famo_matches_reference():
             f1, r1 = losses()
         opt.update_dual(r1, f1)
         ref.famo_update(st, [f.item(), r.item()], [f1.item(), r1.item()])
-    z = torch.softmax(opt.weighting.state.logits, 0)
+    z = torch.softmax(opt.dual.state.logits, 0)
     assert torch.allclose(z.double(), torch.tensor(ref.famo_weights(st), dtype=torch.float64), atol=1e-6)
     with pytest.raises(ValueError, match="forget loss after the step"):
         opt.zero_grad()

@@ -22,15 +22,49 @@ def _opmath(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    return torch.dot(_opmath(x.reshape(-1)), _opmath(y.reshape(-1))).float()
+# The Gramian is accumulated in float64 (any finite float32 gradient then has a finite Gramian) in
+# a fixed order: products summed row by row over a [rows, _ROW] view, one thread per row, then the
+# row sums the same way. Row sums do not depend on the number of intra-op threads; a flat sum does.
+_ROW = 4096
+_PIECE = 1 << 22  # elements upcast at a time: bounds the float64 temporaries to 32 MiB each
 
 
-def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
-    """sum ||t||^2 in float32 (float64 inputs: in float64), one foreach norm for the whole list."""
-    opmath = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = torch._foreach_norm(list(tensors), 2, dtype=opmath)
-    return torch.stack(norms).square().sum().float()
+def _fixed_order_sum(v: Tensor) -> Tensor:
+    """Sum of a 1-D float64 tensor in an order that depends only on its length."""
+    while v.numel() > _ROW:
+        full = v.numel() // _ROW * _ROW
+        rows = v[:full].view(-1, _ROW).sum(1)
+        v = torch.cat([rows, v[full:].sum().reshape(1)]) if full < v.numel() else rows
+    return v.sum()
+
+
+def _gram_partials(a: Tensor, b: Tensor | None) -> list[Tensor]:
+    """Per-piece float64 partial sums of (a*a, a*b, b*b) (only a*a without b), as [k, 3] or [k, 1]."""
+    a = a.reshape(-1)
+    b = None if b is None else b.reshape(-1)
+    parts = []
+    for start in range(0, a.numel(), _PIECE):
+        x = a[start:start + _PIECE].to(torch.float64)
+        products = [x * x] if b is None else [x * x, None, None]
+        if b is not None:
+            y = b[start:start + _PIECE].to(torch.float64)
+            products[1], products[2] = x * y, y * y
+        parts.append(torch.stack([_fixed_order_sum(p) for p in products]))
+    return parts
+
+
+def _gramian64(a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
+    parts = []
+    for i, x in enumerate(a):
+        parts.extend(_gram_partials(x, None if b is None else b[i]))
+    if not parts:
+        return torch.zeros(3, dtype=torch.float64, device=a[0].device if a else "cpu")
+    sums = torch.stack(parts)
+    totals = torch.stack([_fixed_order_sum(sums[:, k]) for k in range(sums.shape[1])])
+    if b is None:
+        zero = torch.zeros_like(totals)
+        return torch.cat([totals, zero, zero])
+    return totals
 
 
 class TorchBackend:
@@ -43,12 +77,7 @@ class TorchBackend:
         return dtype.is_floating_point
 
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
-        aa = _sum_of_squares(a)
-        if b is None:
-            zero = torch.zeros_like(aa)
-            return torch.stack([aa, zero, zero])
-        ab = torch.stack([_dot(x, y) for x, y in zip(a, b)]).sum()
-        return torch.stack([aa, ab, _sum_of_squares(b)])
+        return _gramian64(list(a), None if b is None else list(b))
 
     def coefficients(self, gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None,
                      found_inf: Tensor | None) -> Tensor:
