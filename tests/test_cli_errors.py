@@ -369,7 +369,7 @@ def test_unlearn_runs_two_methods_and_writes_its_json(tmp_path, capsys) -> None:
     assert "(`rl`)" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------------------------- the shared helpers
+# ---------------------------------------------------------------------------------- cli_args itself
 
 
 def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path) -> None:
