@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from eupmu_kernels import cli_args
+
 from .baselines import Settings
 from .machine import load_average
 from .methods import METHODS, resolve_methods
@@ -23,6 +25,7 @@ from .report import format_skipped, format_targets, largest_size_only, markdown_
 from .runner import BACKEND_NAMES, RunConfig, run
 from .workloads import FAMILIES
 
+PROG = "eupmu-bench"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -44,65 +47,62 @@ DEFAULTS = {
 }
 
 
-def _size(text: str) -> int:
-    value = int(float(text))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eupmu-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_args.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for results.json/.md and the PNG")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=cli_args.device(allow_auto=True), default="auto",
+                   help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--models", nargs="+", default=["gpt2"], choices=sorted(FAMILIES),
                    help="tensor layouts to scale (default gpt2)")
-    p.add_argument("--sizes", nargs="+", type=_size, help="total parameter counts, e.g. 1e6 2e7")
+    p.add_argument("--sizes", nargs="+", type=cli_args.count, help="total parameter counts, e.g. 1e6 2e7")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    p.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or some of: {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", type=cli_args.one_of(("all", *METHODS), "method"), default=["all"],
+                   help=f"'all' or some of: {', '.join(METHODS)}")
     p.add_argument("--backends", nargs="+", default=list(BACKEND_NAMES), choices=BACKEND_NAMES,
                    help="kernel backends for our optimizer (those that cannot run are skipped and listed)")
-    p.add_argument("--repeats", type=int, help="timed steps per case (median reported)")
-    p.add_argument("--warmup", type=int, help="untimed steps per case before timing (at least 1 is run)")
+    p.add_argument("--repeats", type=cli_args.integer(1), help="timed steps per case (median reported)")
+    p.add_argument("--warmup", type=cli_args.integer(0),
+                   help="untimed steps per case before timing (at least 1 is run)")
     p.add_argument("--state-dtype", choices=("param", "float32"), default="param",
                    help="our optimizer's moment dtype (torch.optim always uses the parameter dtype)")
-    p.add_argument("--bandwidth-numel", type=_size, help="elements of the copy-bandwidth measurement")
+    p.add_argument("--bandwidth-numel", type=cli_args.count, help="elements of the copy-bandwidth measurement")
     p.add_argument("--allow-interpreter", action="store_true", help="time Triton on CPU (interpreter) too")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, recorded in the results)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=cli_args.integer(1),
+                   help="torch CPU threads (default: torch's choice, recorded in the results)")
+    p.add_argument("--seed", type=cli_args.seed, default=0)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list-methods", action="store_true", help="describe the methods and exit")
     return p
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the parser alone cannot check; the output folder is created (and probed) last."""
+    if "all" in args.methods and len(args.methods) > 1:
+        cli_args.fail(parser, "--methods", "'all' cannot be combined with other methods")
+    cli_args.check_output_dir(parser, "--out", args.out)
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device of a checked ``--device`` value (``auto``: cuda when available)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("eupmu-bench: --device cuda but no CUDA device is available")
-    return device
+    return torch.device(name)
 
 
 def make_config(args: argparse.Namespace) -> RunConfig:
     device = resolve_device(args.device)
     defaults = DEFAULTS[(device.type if device.type == "cuda" else "cpu", args.quick)]
     settings = Settings(state_dtype=torch.float32 if args.state_dtype == "float32" else None)
-    try:
-        methods = resolve_methods(args.methods)
-    except ValueError as err:
-        raise SystemExit(f"eupmu-bench: {err}") from None
     return RunConfig(
         device=device,
         models=list(dict.fromkeys(args.models)),
         sizes=sorted(set(args.sizes or [int(s) for s in defaults.sizes])),
         dtypes=list(dict.fromkeys(DTYPES[d] for d in args.dtypes)),
-        methods=methods,
+        methods=resolve_methods(list(dict.fromkeys(args.methods))),
         backends=list(dict.fromkeys(args.backends)),
-        repeats=args.repeats or defaults.repeats,
+        repeats=defaults.repeats if args.repeats is None else args.repeats,
         warmup=defaults.warmup if args.warmup is None else args.warmup,
         settings=settings,
         bandwidth_numel=args.bandwidth_numel or int(defaults.bandwidth_numel),
@@ -130,14 +130,18 @@ def _progress_factory(enabled: bool):
 
 
 def write_outputs(results: dict[str, Any], out: Path, plot: bool) -> list[Path]:
+    """results.json, results.md and (when asked and there is something to plot) the PNG, each atomically."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
-    write_json(results, written[0])
-    written[1].write_text(markdown_report(results))
+    with cli_args.atomic_path(written[0]) as tmp:
+        write_json(results, tmp)
+    cli_args.write_text_atomic(written[1], markdown_report(results))
     png = out / "step_time.png"
     title = f"{results['machine'].get('gpu') or results['machine']['cpu_model']}: {results['command']}"
-    if plot and plot_step_times(results["records"], png, title):
-        written.append(png)
+    if plot:
+        with cli_args.atomic_path(png) as tmp:
+            if plot_step_times(results["records"], tmp, title):
+                written.append(png)
     return written
 
 
@@ -162,11 +166,13 @@ def print_summary(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.list_methods:
         for method in METHODS.values():
             print(f"{method.name:24s} {method.kind:8s} {method.description}")
         return 0
+    check_arguments(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = make_config(args)

@@ -65,8 +65,10 @@ def train_both_languages(model: torch.nn.Module, examples: list, out_dir: str) -
 
 
 def unlearn(model: torch.nn.Module, forget: list, retain: list, out_dir: str, options: argparse.Namespace) -> list:
+    # Gradient ascent is a negative loss: the default dual rule's log transform needs positive ones.
+    dual = options.dual or ("paper" if options.forget_loss == "ga" else EUPMUConfig.dual)
     config = EUPMUConfig(mode=options.mode, forget_loss=options.forget_loss, rule=options.rule,
-                         tolerance=options.tolerance, dual_update=options.dual_update)
+                         tolerance=options.tolerance, dual=dual, dual_update=options.dual_update)
     args = TrainingArguments(**common_arguments(out_dir, options.steps, options.lr, options.accumulation),
                              weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant")
     trainer = EUPMUTrainer(model=model, args=args, train_dataset=ForgetRetainDataset(forget, retain),
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("implicit", "explicit"), default="implicit")
     parser.add_argument("--forget-loss", choices=("ga", "npo"), default="npo")
     parser.add_argument("--rule", choices=("adamw", "adam", "sgd"), default="adamw")
+    parser.add_argument("--dual", choices=("reference", "paper"), default=None,
+                        help="implicit-mode dual rule (default: reference, or paper with --forget-loss ga)")
     parser.add_argument("--dual-update", choices=("lagged", "exact"), default="lagged")
     parser.add_argument("--tolerance", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=40)

@@ -70,9 +70,10 @@ def test_sweep_stores_a_selection(tmp_path):
     assert choice["lr"] == 0.01 and choice["knob"] in (2, 5, 10) and len(choice["grid"]) == 3
 
 
-def test_unknown_method_is_rejected():
-    with pytest.raises(ValueError, match="unknown method"):
-        cli.main(["--methods", "eupmu,bogus", "--quiet"])
+def test_unknown_method_is_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--methods", "eupmu,bogus", "--quiet", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2 and "unknown method 'bogus'" in capsys.readouterr().err
 
 
 def test_stored_selection_is_valid_json():

@@ -273,7 +273,7 @@ def test_accumulation_matches_hand_written_loop(tmp_path, pairs, case) -> None:
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path, pairs) -> None:
     """The optimizer state, w and the exact dual update all survive a checkpoint."""
-    config = EUPMUConfig(mode="implicit", forget_loss="ga", dual_update="exact", w_init=0.5)
+    config = EUPMUConfig(mode="implicit", forget_loss="ga", dual="paper", dual_update="exact", w_init=0.5)
     args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     first = EUPMUTrainer(model=tiny_llama(seed=6), args=args, train_dataset=pairs, eupmu_config=config)
     first.train()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 DATASETS = ("digits", "mnist1d")
+NUM_CLASSES = {"digits": 10, "mnist1d": 10}  # known without loading the data (checked by the tests)
 SCENARIOS = ("class", "random")
 TEST_SEED = 12345  # fixes the digits test split independently of the run's seed
 DIGITS_TEST_FRACTION = 0.2
@@ -87,6 +88,14 @@ class Scenario:
         if self.kind == "class":
             return f"class-wise forgetting of class {self.forget_class}"
         return f"random forgetting of {len(self.forget)} training samples"
+
+
+def forget_class_problem(dataset: str, forget_class: int) -> str | None:
+    """Why ``forget_class`` is not a class of ``dataset``, or None (checked without loading the data)."""
+    classes = NUM_CLASSES[dataset]
+    if 0 <= forget_class < classes:
+        return None
+    return f"must be in [0, {classes - 1}] for {dataset} ({classes} classes), got {forget_class}"
 
 
 def load_dataset(name: str, seed: int) -> ClassificationData:

@@ -33,6 +33,24 @@ def load_selection(path: Path | None) -> dict[str, Any]:
     return data
 
 
+def selection_problem(path: Path) -> str | None:
+    """Why the file at ``path`` cannot serve as a selection file, or None (also when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if not path.is_file():
+        return f"{path} is a directory, expected a file" if path.is_dir() else f"{path} is not a file"
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{path} is not a JSON file"
+    except OSError as err:
+        return f"cannot read {path}: {err.strerror or err}"
+    if not isinstance(data, dict) or not isinstance(data.get("selections"), dict):
+        return f"{path} is not a hyperparameter selection (expected an object with 'selections')"
+    return None
+
+
 @dataclass(frozen=True)
 class ChosenHyper:
     hyper: Hyper

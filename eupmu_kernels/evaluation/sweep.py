@@ -22,12 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .data import DATASETS, SCENARIOS
-from .methods import ALL_METHODS, LR_GRID, Hyper, MethodSpec, Schedule, resolve
+from .. import cli_args
+from .data import DATASETS, SCENARIOS, forget_class_problem
+from .methods import ALIASES, ALL_METHODS, LR_GRID, Hyper, MethodSpec, Schedule, resolve
 from .models import ARCHITECTURES, default_cache_dir
 from .progress import progress_bar
 from .runner import BenchmarkConfig, Progress, SeedContext, prepare_seed, run_method
-from .selection import DEFAULT_SELECTION_PATH, selection_key, store_entry
+from .selection import DEFAULT_SELECTION_PATH, selection_key, selection_problem, store_entry
 from .threads import torch_threads
 
 DESCRIPTION = ("Hyperparameters chosen per method on the validation split: every method gets the same budget, "
@@ -99,43 +100,63 @@ def _schedule_dict(schedule: Schedule) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    method = cli_args.one_of((*ALIASES, *ALL_METHODS), "method")
     parser.add_argument("--dataset", choices=DATASETS, default="digits")
     parser.add_argument("--scenario", choices=SCENARIOS, default="class")
-    parser.add_argument("--forget-class", type=int, default=0)
-    parser.add_argument("--seeds", default=",".join(map(str, SWEEP_SEEDS)),
+    parser.add_argument("--forget-class", type=cli_args.integer(0), default=0)
+    parser.add_argument("--seeds", type=cli_args.comma_list(cli_args.seed), default=",".join(map(str, SWEEP_SEEDS)),
                         help="comma-separated sweep seeds (default: %(default)s, disjoint from the reporting seeds)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods")
+    parser.add_argument("--methods", type=cli_args.comma_list(method), default=",".join(ALL_METHODS),
+                        help="comma-separated methods")
     parser.add_argument("--arch", choices=ARCHITECTURES, default=None, help="default: mlp (digits), cnn (mnist1d)")
-    parser.add_argument("--lrs", default=",".join(f"{v:g}" for v in LR_GRID), help="learning-rate grid")
-    parser.add_argument("--epochs", type=int, default=Schedule().epochs,
+    parser.add_argument("--lrs", type=cli_args.comma_list(cli_args.positive),
+                        default=",".join(f"{v:g}" for v in LR_GRID), help="learning-rate grid")
+    parser.add_argument("--epochs", type=cli_args.integer(1), default=Schedule().epochs,
                         help="unlearning epochs of the methods whose knob is not the length")
-    parser.add_argument("--train-epochs", type=int, default=None,
+    parser.add_argument("--train-epochs", type=cli_args.integer(1), default=None,
                         help="epochs of the original/retrained models (default: the recipe per dataset)")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"model cache (default {default_cache_dir()})")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=cli_args.device(), default="cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_SELECTION_PATH, help="selection file to update")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=cli_args.integer(0), default=1,
                         help="torch CPU threads (default 1: the models are tiny and more threads only add "
                              "overhead, a lot of it on a busy machine; 0 keeps torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything the sweep needs, before any work: the forget class exists, the selection file
+    to update is one (or does not exist yet) and can be written."""
+    problem = forget_class_problem(args.dataset, args.forget_class)
+    if problem is not None:
+        cli_args.fail(parser, "--forget-class", problem)
+    methods = [resolve(m).name for m in args.methods]
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        cli_args.fail(parser, "--methods", f"names {', '.join(repeated)} twice (eupmu is an alias)")
+    cli_args.check_directory_or_absent(parser, "--cache-dir", args.cache_dir)
+    problem = selection_problem(args.out)
+    if problem is not None:
+        cli_args.fail(parser, "--out", problem)
+    cli_args.check_output_file(parser, "--out", args.out)
+
+
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         dataset=args.dataset, scenario=args.scenario, forget_class=args.forget_class,
-        seeds=tuple(int(s) for s in args.seeds.split(",")),
-        methods=tuple(resolve(m).name for m in args.methods.split(",")),
-        architecture=args.arch, train_epochs=args.train_epochs, lr_grid=tuple(float(v) for v in args.lrs.split(",")),
+        seeds=tuple(args.seeds), methods=tuple(resolve(m).name for m in args.methods),
+        architecture=args.arch, train_epochs=args.train_epochs, lr_grid=tuple(args.lrs),
         schedule=Schedule(epochs=args.epochs),
         cache_dir=args.cache_dir if args.cache_dir is not None else default_cache_dir(), device=args.device,
     )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m eupmu_kernels.evaluation.sweep") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = cli_args.Parser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     cfg = config_from_args(args)
     units = sum(len(cfg.lr_grid) * len(resolve(m).knob_grid) for m in cfg.methods)
     with torch_threads(args.threads), progress_bar(units, "sweep", enabled=not args.quiet) as progress:

@@ -12,6 +12,34 @@ EUPMU_NAMES = ("eupmu", "eupmu-paper", "eupmu-reference")
 BASELINES = ("ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
 
 
+# Top-level keys that identify the JSON files the project's other tools write.
+OTHER_KINDS = ((("records", "machine"), "an eupmu-bench result"),
+               (("models", "environment"), "an eupmu-unlearn-llm result"),
+               (("selections",), "a hyperparameter selection (written by eupmu-unlearn sweep)"))
+ROW_KEYS = ("label", "per_seed", "mean", "std")
+
+
+def record_problem(data: Any) -> str | None:
+    """Why ``data`` (parsed JSON) is not an ``eupmu-unlearn`` result record, or None if it is one."""
+    if not isinstance(data, dict):
+        return f"holds a JSON {type(data).__name__}, not an eupmu-unlearn result"
+    for keys, kind in OTHER_KINDS:
+        if all(key in data for key in keys):
+            return f"is {kind}, not an eupmu-unlearn result"
+    missing = [key for key in ("config", "scenario", "reference", "methods") if key not in data]
+    if missing:
+        return f"is not an eupmu-unlearn result (no {', '.join(map(repr, missing))})"
+    config = data["config"]
+    if not isinstance(config, dict) or not all(k in config for k in ("dataset", "architecture", "seeds")):
+        return "is not an eupmu-unlearn result ('config' lacks dataset, architecture or seeds)"
+    for section in ("reference", "methods"):
+        rows_ = data[section]
+        if not isinstance(rows_, dict) or not all(isinstance(r, dict) and all(k in r for k in ROW_KEYS)
+                                                 for r in rows_.values()):
+            return f"is not an eupmu-unlearn result (malformed {section!r} rows)"
+    return None
+
+
 def rows(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [*record["reference"].items(), *record["methods"].items()]
 

@@ -42,6 +42,7 @@ Trainer's ``loss`` is J in implicit mode and L_f in explicit mode.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..dual import preset as dual_preset
 from ..losses import npo_from_log_ratio
 from ..optimizer import EUPMU
 
@@ -82,17 +84,32 @@ DUAL_UPDATES = ("lagged", "exact")
 # ---------------------------------------------------------------------------------- configuration
 
 
+def _eupmu_default(name: str) -> Any:
+    """:class:`~eupmu_kernels.EUPMU`'s own default for its keyword ``name``.
+
+    :class:`EUPMUConfig` reads its defaults of the optimizer's options from the optimizer's
+    signature, so the Trainer and the optimizer used directly cannot disagree on them.
+    """
+    parameter = inspect.signature(EUPMU.__init__).parameters[name]
+    if parameter.default is inspect.Parameter.empty:
+        raise TypeError(f"EUPMU.__init__ has no default for {name!r}")
+    return parameter.default
+
+
 @dataclass
 class EUPMUConfig:
     """EUPMU options for :class:`EUPMUTrainer`.
 
     The learning rate, Adam betas and epsilon and the weight decay come from the
-    ``TrainingArguments``; everything about unlearning comes from here.
+    ``TrainingArguments``; everything about unlearning comes from here. The options shared with
+    :class:`~eupmu_kernels.EUPMU` have its defaults (``dual="reference"``, ...).
 
     Args:
         mode: ``"implicit"`` (one backward pass) or ``"explicit"`` (gradient surgery, two).
-        forget_loss: ``"ga"`` (gradient ascent: minus the cross-entropy), ``"npo"`` (negative
-            preference optimisation against a frozen reference model) or a :data:`LossFn`.
+        forget_loss: ``"npo"`` (default: negative preference optimisation against a frozen
+            reference model), ``"ga"`` (gradient ascent: minus the cross-entropy) or a
+            :data:`LossFn`. Gradient ascent is negative, so in implicit mode it needs a dual rule
+            without the log transform: ``dual="paper"`` (or ``loss_transform="identity"``).
         npo_beta: NPO's inverse temperature beta.
         dual_update: implicit mode: ``"lagged"`` (the next step's retain loss stands in for the
             retain loss after the step) or ``"exact"`` (re-evaluate the step's retain micro-batches
@@ -100,23 +117,23 @@ class EUPMUConfig:
         max_grad_norm: clip norm of the final update direction, applied inside the optimizer.
             ``None`` takes ``TrainingArguments.max_grad_norm`` (a value <= 0 there: no clipping).
         rule, surgery, tolerance, dual, dual_lr, w_init, loss_transform: as for
-            :class:`~eupmu_kernels.EUPMU`.
+            :class:`~eupmu_kernels.EUPMU`, with its defaults.
         optimizer_kwargs: any further :class:`~eupmu_kernels.EUPMU` keyword (``weighting``,
             ``alpha``, ``state_dtype``, ``backend``, ``skip_nonfinite``, ...).
     """
 
-    mode: str = "implicit"
-    forget_loss: str | LossFn = "ga"
+    mode: str = _eupmu_default("mode")
+    forget_loss: str | LossFn = "npo"
     npo_beta: float = 0.1
     dual_update: str = "lagged"
-    max_grad_norm: float | None = None
-    rule: str = "adamw"
-    surgery: str = "ungrad"
-    tolerance: float = 0.0
-    dual: str = "paper"
-    dual_lr: float | None = None
-    w_init: float = 0.0
-    loss_transform: str | None = None
+    max_grad_norm: float | None = None  # None: TrainingArguments.max_grad_norm (see above)
+    rule: str = _eupmu_default("rule")
+    surgery: str = _eupmu_default("surgery")
+    tolerance: float = _eupmu_default("tolerance")
+    dual: str = _eupmu_default("dual")
+    dual_lr: float | None = _eupmu_default("dual_lr")
+    w_init: float = _eupmu_default("w_init")
+    loss_transform: str | None = _eupmu_default("loss_transform")
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +144,11 @@ class EUPMUConfig:
         if self.dual_update == "exact" and self.dual == "famo":
             raise ValueError("dual_update='exact' re-evaluates the retain loss only; dual='famo' needs the forget "
                              "loss after the step too: use dual_update='lagged'")
+        if (self.mode == "implicit" and self.forget_loss == "ga" and "loss_lower_bounds" not in self.optimizer_kwargs
+                and dual_preset(self.dual, psi=self.loss_transform).psi == "log"):
+            raise ValueError(f"forget_loss='ga' is negative, and dual={self.dual!r} takes the log of the losses: "
+                             "use forget_loss='npo', or dual='paper' (or loss_transform='identity') for gradient "
+                             "ascent")
 
     def optimizer_arguments(self, max_grad_norm: float | None) -> dict[str, Any]:
         """Keyword arguments of :class:`~eupmu_kernels.EUPMU` (without the per-group ones)."""
@@ -373,7 +395,8 @@ class EUPMUTrainer(Trainer):
     Args:
         model, args, **trainer_kwargs: as for ``Trainer`` (``data_collator`` defaults to a
             :class:`ForgetRetainCollator` padding with the ``processing_class``'s pad token id).
-        eupmu_config: the unlearning options (default: implicit mode, gradient ascent).
+        eupmu_config: the unlearning options (default: ``EUPMUConfig()``, implicit mode with the
+            NPO forget loss).
         ref_model: NPO's frozen reference model; default: a frozen copy of ``model`` as it is
             when the trainer is built (the model the unlearning starts from).
         retain_loss: the retain loss, default the causal-LM cross-entropy.

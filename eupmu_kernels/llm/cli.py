@@ -5,36 +5,61 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
+from .. import cli_args
+
+PROG = "eupmu-unlearn-llm"
 DEFAULT_OUT = "results/llm"
 QUICK_OUT = "runs/llm-quick"
+EXPLICIT_METHODS = ("eupmu_explicit", "eupmu_explicit_hf")  # explicit surgery: the tolerance must be >= 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import ALL_METHODS, METHODS
 
-    p = argparse.ArgumentParser(prog="eupmu-unlearn-llm", description=__doc__)
+    p = cli_args.Parser(prog=PROG, description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help="CI-sized run (6 authors, 3 methods, 3 steps; 2 to 3 minutes on 2 cores)")
-    p.add_argument("--seed", type=int, default=0, help="data, fine-tuning and unlearning seed")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="data, fine-tuning and unlearning seed")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="model cache (default $EUPMU_LLM_CACHE or ~/.cache/eupmu_kernels/llm)")
-    p.add_argument("--methods", type=lambda s: tuple(m for m in s.split(",") if m), default=None,
+    p.add_argument("--methods", type=cli_args.comma_list(cli_args.one_of(ALL_METHODS, "method")), default=None,
                    help=f"comma-separated methods (default {','.join(METHODS)}; also: "
                         f"{','.join(m for m in ALL_METHODS if m not in METHODS)}, through the Hugging Face Trainer)")
-    p.add_argument("--steps", type=int, default=None, help="unlearning steps per method")
-    p.add_argument("--lr", type=float, default=None, help="unlearning learning rate")
+    p.add_argument("--steps", type=cli_args.integer(1), default=None, help="unlearning steps per method")
+    p.add_argument("--lr", type=cli_args.positive, default=None, help="unlearning learning rate")
     p.add_argument("--eupmu-forget-loss", choices=("ga", "npo"), default=None,
                    help="forget loss of the two EUPMU methods")
-    p.add_argument("--tolerance", type=float, default=None, help="EUPMU tolerance epsilon")
+    p.add_argument("--tolerance", type=cli_args.real(), default=None,
+                   help="EUPMU tolerance epsilon (>= 0 for the explicit methods)")
     p.add_argument("--dual", choices=("paper", "reference"), default=None, help="implicit-mode dual rule")
-    p.add_argument("--dual-lr", type=float, default=None, help="implicit-mode multiplier step size")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs of target and oracle")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--dual-lr", type=cli_args.positive, default=None, help="implicit-mode multiplier step size")
+    p.add_argument("--epochs", type=cli_args.integer(1), default=None, help="fine-tuning epochs of target and oracle")
+    p.add_argument("--threads", type=cli_args.integer(1), default=None,
                    help="torch CPU threads (on cores shared with other busy processes, 1 is several times faster)")
     return p
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return args.out if args.out is not None else Path(QUICK_OUT if args.quick else DEFAULT_OUT)
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse and check every argument; the output folder is created (and probed) last."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.tolerance is not None and args.tolerance < 0:
+        explicit = [m for m in cfg.methods if m in EXPLICIT_METHODS]
+        if explicit:
+            cli_args.fail(parser, "--tolerance", f"must be >= 0 for {', '.join(explicit)} (explicit surgery), "
+                                                 f"got {args.tolerance:g}")
+    cli_args.check_directory_or_absent(parser, "--cache-dir", args.cache_dir)
+    cli_args.check_output_dir(parser, "--out", output_dir(args))
+    return args
 
 
 def config_from_args(args: argparse.Namespace):
@@ -48,14 +73,14 @@ def config_from_args(args: argparse.Namespace):
     if args.epochs is not None:
         changes["finetune"] = dataclasses.replace(cfg.finetune, epochs=args.epochs)
     if args.methods is not None:
-        changes["methods"] = args.methods
+        changes["methods"] = tuple(args.methods)
     if args.threads is not None:
         changes["threads"] = args.threads
     return dataclasses.replace(cfg, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     from .model import force_offline
 
     force_offline()
@@ -68,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
               "(and transformers, gguf, accelerate)")
         return 2
     cfg = config_from_args(args)
-    out = args.out if args.out is not None else Path(QUICK_OUT if args.quick else DEFAULT_OUT)
+    out = output_dir(args)
     record = run_pipeline(cfg, out, args.cache_dir, progress=lambda msg: print(msg, flush=True))
     print()
     print(markdown_table(record))

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import atomic_path, write_text_atomic
+
 REFERENCE_ROWS = ("target", "oracle")
 
 
@@ -104,7 +106,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 
 def write_results(record: dict[str, Any], out_dir: Path) -> None:
+    """``results.json``, ``table.md`` and ``tradeoff.png``, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (out_dir / "table.md").write_text(markdown_table(record))
-    plot(record, out_dir / "tradeoff.png")
+    write_text_atomic(out_dir / "results.json", json.dumps(record, indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "table.md", markdown_table(record))
+    with atomic_path(out_dir / "tradeoff.png") as tmp:
+        plot(record, tmp)
