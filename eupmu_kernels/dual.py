@@ -334,6 +334,8 @@ class DualController:
             sd["dual"] = self.state.to_dict()
         if self._before is not None:
             sd["losses"] = self._before
+        if self._count:  # combine() ran since the last step: its losses belong to the coming step
+            sd["step_losses"], sd["step_count"] = self._sum, self._count
         return sd
 
     def load_state_dict(self, sd: dict[str, Any], device: torch.device) -> None:
@@ -348,4 +350,5 @@ class DualController:
         if isinstance(losses, (tuple, list)):  # older checkpoints stored (L_f, L_r) as two scalars
             losses = torch.stack([torch.as_tensor(t).reshape(()) for t in losses])
         self._before = None if losses is None else losses.detach().float().clone().to(device)
-        self._sum, self._count = None, 0
+        self._count = int(sd.get("step_count", 0))
+        self._sum = sd["step_losses"].detach().clone().to(device) if self._count else None
