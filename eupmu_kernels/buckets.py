@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from .contract import KernelBackend
 from .distributed import local_view
 from .validation import is_dense
 
@@ -28,20 +29,19 @@ class Bucket:
     group_index: int
     device: torch.device
     dtype: torch.dtype
+    backend: KernelBackend  # resolved once, when the bucket is built
     reduce_group: Any = None  # process group summing this bucket's partial Gramian (sharded params)
     params: list[Tensor] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     numel: int = 0
     retain: Tensor | None = None
     retain_views: list[Tensor] = field(default_factory=list)
 
-    def add(self, param: Tensor, name: str) -> None:
+    def add(self, param: Tensor) -> None:
         # Start every view on a 16-byte boundary so vectorised kernels can use aligned loads.
         align = max(1, VIEW_ALIGN_BYTES // self.dtype.itemsize)
         start = -(-self.numel // align) * align
         self.params.append(param)
-        self.names.append(name)
         self.offsets.append(start)
         self.numel = start + local_view(param).numel()
 
@@ -55,15 +55,14 @@ class Bucket:
             ]
         return self.retain
 
-    def release_retain_buffer(self) -> None:
-        self.retain = None
-        self.retain_views = []
 
-
-def build_buckets(param_groups: Iterable[dict], names: dict[int, str], max_numel: int = DEFAULT_BUCKET_NUMEL,
+def build_buckets(param_groups: Iterable[dict], names: dict[int, str],
+                  backend_of: Callable[[torch.device, torch.dtype], KernelBackend],
+                  max_numel: int = DEFAULT_BUCKET_NUMEL,
                   reduce_group_of: Callable[[Tensor], Any] = lambda p: None) -> list[Bucket]:
     """Buckets in a deterministic order: by group, then by first appearance of
-    (device, dtype, reduce group). Sizes and layouts are those of the rank-local tensors."""
+    (device, dtype, reduce group). Sizes and layouts are those of the rank-local tensors;
+    ``names`` only serve error messages."""
     if max_numel < 1:
         raise ValueError(f"bucket_numel must be >= 1, got {max_numel}")
     buckets: list[Bucket] = []
@@ -79,8 +78,8 @@ def build_buckets(param_groups: Iterable[dict], names: dict[int, str], max_numel
             key = (local.device, local.dtype, id(reduce_group))
             bucket = open_buckets.get(key)
             if bucket is None or (bucket.numel > 0 and bucket.numel + local.numel() > max_numel):
-                bucket = Bucket(gi, local.device, local.dtype, reduce_group)
+                bucket = Bucket(gi, local.device, local.dtype, backend_of(local.device, local.dtype), reduce_group)
                 open_buckets[key] = bucket
                 buckets.append(bucket)
-            bucket.add(p, name)
+            bucket.add(p)
     return buckets

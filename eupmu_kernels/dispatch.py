@@ -1,7 +1,7 @@
 """Backend selection.
 
 ``backend=`` arguments accept "auto", "torch", "triton" or "cuda"; ``None`` means "use the
-``EUPMU_BACKEND`` environment variable, else auto". Auto order (SPEC section 6):
+``EUPMU_BACKEND`` environment variable, else auto". Auto order (docs/design.md, Kernel contract):
 CUDA tensors -> compiled extension if built -> Triton -> torch; CPU tensors -> compiled C++
 CPU kernels if built -> torch.
 """
@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from .backends.base import KernelBackend
+from .contract import KernelBackend
 
 BACKEND_ENV = "EUPMU_BACKEND"
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")

@@ -1,11 +1,11 @@
-"""Data-parallel and sharded training support (SPEC section 7).
+"""Data-parallel and sharded training support (docs/design.md, Scale-out).
 
 - Replicated data parallelism (DDP): gradients are already averaged over ranks, so every rank
   holds the full g_f and g_r and the local Gramian *is* the global one; no collective is needed.
   Only the loss scalars that drive the multiplier differ per rank: they are averaged.
 - Sharded parameters (FSDP2 DTensors with a ``Shard`` placement, or ZeRO-style flat shards
   announced with ``process_group=``): each rank holds a slice of every gradient, so the Gramian
-  is a sum of per-rank partial Gramians: one all-reduce of three float32 numbers.
+  is a sum of per-rank partial Gramians: one all-reduce of three float64 numbers.
 
 Collectives here are issued on the device stream; nothing reads a value back to the host.
 """

@@ -24,20 +24,20 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import amp, dispatch
 from . import distributed as dist_util
-from .backends.base import CLIP, COS, LAM, SKIP, A, RuleStateLists
 from .buckets import DEFAULT_BUCKET_NUMEL, Bucket, build_buckets
 from .capture import RetainCapture
 from .coefficients import unscaled
+from .contract import CLIP, COS, LAM, SKIP, A, RuleStateLists
 from .dual import DualConfig, DualController, preset
 from .ops import make_config, sum_gramians
 from .rules import BaseRule, get_rule
 from .rules.base import check_number
+from .surgery import EXPLICIT_SURGERIES
 from .validation import check_gradient
 
 MODES = ("implicit", "explicit")
-SURGERIES = ("ungrad", "pcgrad", "graddiff")
 _RULE_ARGUMENTS = {"betas": (0.9, 0.999), "eps": 1e-8, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
 
 
@@ -134,8 +134,8 @@ class EUPMU(torch.optim.Optimizer):
         base_rule = get_rule(rule)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if surgery not in SURGERIES:
-            raise ValueError(f"surgery must be one of {SURGERIES}, got {surgery!r}")
+        if surgery not in EXPLICIT_SURGERIES:
+            raise ValueError(f"surgery must be one of {EXPLICIT_SURGERIES}, got {surgery!r}")
         if dual_step_scale not in (None, "lr", "one"):
             raise ValueError(f"dual_step_scale must be 'lr' or 'one', got {dual_step_scale!r}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
@@ -213,7 +213,7 @@ class EUPMU(torch.optim.Optimizer):
         lines = [f"{type(self).__name__} (mode={self.mode!r}, rule={self.rule!r}, backend={self.backend!r}"]
         if self.mode == "explicit":
             cfg = self.surgery_config
-            lines.append(f"    surgery={cfg.method!r}, tolerance={cfg.eps}"
+            lines.append(f"    surgery={cfg.method!r}, tolerance={cfg.tolerance}"
                          + (f", alpha={cfg.alpha}" if cfg.method == "graddiff" else ""))
         else:
             d = self.dual.cfg
@@ -232,8 +232,10 @@ class EUPMU(torch.optim.Optimizer):
 
     def _get_buckets(self) -> list[Bucket]:
         if self._buckets is None:
-            self._buckets = build_buckets(self.param_groups, self._names_by_id(), self.bucket_numel,
-                                          lambda p: dist_util.shard_group(p, self.process_group))
+            self._buckets = build_buckets(
+                self.param_groups, self._names_by_id(),
+                lambda device, dtype: dispatch.get_backend(self.backend, device, dtype), self.bucket_numel,
+                lambda p: dist_util.shard_group(p, self.process_group))
             if self.mode == "explicit":
                 self.capture.bind(self._buckets)
         return self._buckets
@@ -347,17 +349,18 @@ class EUPMU(torch.optim.Optimizer):
         hypers = [self.base_rule.step_hyper(g) for g in self._checked_groups()]
         work = self._collect()
         if work:
-            self._unscale_retain_after_prior_unscale()
+            if explicit:
+                amp.unscale_retain_if_grads_were_unscaled(self, [b.retain for b in self._get_buckets()
+                                                                 if b.retain is not None])
             coef, gram = self._coefficients(work)
             for bucket, idx, grads_f, grads_r in work:
-                backend = dispatch.get_backend(self.backend, bucket.device, bucket.dtype)
                 params = [bucket.params[i] for i in idx]
                 state = self._rule_state(bucket, params)
                 params = [dist_util.local_view(p) for p in params]
-                backend.step_(self.rule, params, grads_f, grads_r, state, coef.to(bucket.device, non_blocking=True),
-                              hypers[bucket.group_index])
+                bucket.backend.step_(self.rule, params, grads_f, grads_r, state,
+                                     coef.to(bucket.device, non_blocking=True), hypers[bucket.group_index])
             self._record_stats(gram, coef)
-            self._report_overflow_to_scaler(coef)
+            amp.report_overflow(self, coef[SKIP])
         self.capture.release()
         if not explicit:
             self.dual.end_step(hypers[0].lr if hypers else 0.0)
@@ -376,28 +379,6 @@ class EUPMU(torch.optim.Optimizer):
         warnings.warn(f"EUPMU(mode='implicit').step() ran without combine(): the step applied .grad as a plain "
                       f"{self.rule} update and the multiplier w took no part. Build the loss with "
                       "opt.combine(forget_loss, retain_loss) before backward().", stacklevel=5)
-
-    def _unscale_retain_after_prior_unscale(self) -> None:
-        """GradScaler with a prior ``scaler.unscale_(opt)``: g_f is unscaled, g_r not yet."""
-        if self.mode != "explicit" or getattr(self, "found_inf", None) is None:
-            return
-        if getattr(self, "grad_scale", None) is not None:
-            return  # both gradients are still scaled: the coefficients unscale them together
-        if self.grad_scaler is None:
-            raise RuntimeError("scaler.unscale_(optimizer) unscaled only .grad (the forget gradient); pass "
-                               "grad_scaler=scaler to EUPMU so the stashed retain gradient is unscaled too")
-        inv_scale = _inverse(self.grad_scaler._scale)
-        for bucket in self._get_buckets():
-            if bucket.retain is not None:
-                bucket.retain.mul_(inv_scale.to(bucket.device))
-
-    def _report_overflow_to_scaler(self, coef: Tensor) -> None:
-        """Let a non-finite retain gradient back off the GradScaler's scale (it only checks .grad)."""
-        if self.grad_scaler is None or getattr(self, "found_inf", None) is None:
-            return
-        per_device = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
-        for flag in per_device.values():
-            flag.copy_(torch.maximum(flag, coef[SKIP].to(device=flag.device, dtype=flag.dtype)))
 
     def _collect(self) -> list[tuple[Bucket, list[int], list[Tensor], list[Tensor] | None]]:
         """Per bucket: indices of participating parameters, their g_f and (explicit) g_r lists.
@@ -429,17 +410,14 @@ class EUPMU(torch.optim.Optimizer):
 
     def _coefficients(self, work) -> tuple[Tensor, Tensor | None]:
         first_bucket = work[0][0]
-        backend = dispatch.get_backend(self.backend, first_bucket.device, first_bucket.dtype)
         cfg = self.surgery_config
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        inv_scale = None if grad_scale is None else _inverse(grad_scale)
+        inv_scale, found_inf = amp.scaler_inputs(self)
         need_gram = self.mode == "explicit" or cfg.max_norm is not None or self.skip_nonfinite
         if need_gram:
             gram = self._global_gramian(work)
         else:
             gram = torch.zeros(3, dtype=torch.float64, device=first_bucket.device)
-        coef = backend.coefficients(gram, cfg, inv_scale, found_inf)
+        coef = first_bucket.backend.coefficients(gram, cfg, inv_scale, found_inf)
         return coef, (unscaled(gram, inv_scale) if need_gram else None)
 
     def _global_gramian(self, work) -> Tensor:
@@ -447,8 +425,7 @@ class EUPMU(torch.optim.Optimizer):
         local_parts: list[Tensor] = []
         sharded: dict[int, tuple[Any, list[Tensor]]] = {}
         for bucket, _, grads_f, grads_r in work:
-            part = dispatch.get_backend(self.backend, bucket.device, bucket.dtype).gramian(grads_f, grads_r)
-            part = part.to(torch.float64)
+            part = bucket.backend.gramian(grads_f, grads_r).to(torch.float64)
             if bucket.reduce_group is None:
                 local_parts.append(part)
             else:
@@ -617,8 +594,3 @@ def _dual_config(dual: str, dual_lr: float | None, w_init: float, w_max: float |
         lower_bound_f=loss_lower_bounds[0],
         lower_bound_r=loss_lower_bounds[1],
     )
-
-
-def _inverse(scale: Tensor) -> Tensor:
-    """1/scale in float32, computed in float64 so a power-of-two scale inverts exactly."""
-    return scale.double().reciprocal().float()

@@ -1,4 +1,4 @@
-"""Float64 reference semantics (SPEC sections 2-5) on flat vectors.
+"""Float64 reference semantics (docs/design.md: Explicit surgery, Implicit surgery, Base update rules) on flat vectors.
 
 Everything here is deliberately plain: one function per formula, no fusion, no in-place
 tricks. Every fast path of the library is tested against these functions.
@@ -35,7 +35,7 @@ def ungrad_lambda(gram: Tensor, eps: float) -> float:
 
 
 def pair_coefficients(gram: Tensor, method: str, eps: float = 0.0, alpha: float = 1.0) -> tuple[float, float]:
-    """(a, b) such that d = a*g_f + b*g_r for the two-gradient rules of SPEC section 2."""
+    """(a, b) such that d = a*g_f + b*g_r for the two-gradient rules (docs/design.md, Explicit surgery)."""
     aa, ab, bb = (float(v) for v in gram)
     if method == "ungrad":
         return 1.0, ungrad_lambda(gram, eps)
@@ -151,7 +151,7 @@ def rule_step(rule: str, p: Tensor, d: Tensor, st: RuleState, **hp) -> Tensor:
     raise ValueError(f"unknown rule {rule!r}")
 
 
-# --- implicit surgery: objective and dual rules (SPEC section 3) ----------------------------
+# --- implicit surgery: dual rules (docs/design.md, Implicit surgery) --------------------------
 
 
 def transform(loss: float, kind: str, lower_bound: float = 0.0) -> float:
@@ -161,12 +161,6 @@ def transform(loss: float, kind: str, lower_bound: float = 0.0) -> float:
     if shifted <= 0:
         raise ValueError("log transform of a non-positive loss")
     return math.log(shifted)
-
-
-def implicit_objective(l_f: float, l_r: float, w: float, psi: str = "identity", normalised: bool = False,
-                       lower_bound_f: float = 0.0, lower_bound_r: float = 0.0) -> float:
-    j = transform(l_f, psi, lower_bound_f) + w * transform(l_r, psi, lower_bound_r)
-    return j / (1.0 + w) if normalised else j
 
 
 def dual_delta(l_r_before: float, l_r_after: float, eps: float, scale: float = 1.0, phi: str = "identity",
@@ -205,7 +199,7 @@ def reference_dual_update(w: float, l_r_before: float, l_r_after: float, err: fl
     return max(0.0, adam_scalar_step(w, grad, st, beta, weight_decay=weight_decay))
 
 
-# --- FAMO (SPEC section 4) ------------------------------------------------------------------
+# --- FAMO (docs/design.md, Implicit surgery) -------------------------------------------------
 
 
 @dataclass

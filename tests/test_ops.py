@@ -100,8 +100,10 @@ def test_ops_reject_bad_inputs():
         ops.gramian([torch.randn(3).to_sparse()])
     with pytest.raises(ValueError, match="method must be one of"):
         ops.surgery_(a, [torch.randn(3)], method="mgda")
-    with pytest.raises(ValueError, match="eps"):
-        ops.surgery_(a, [torch.randn(3)], eps=-1.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        ops.surgery_(a, [torch.randn(3)], tolerance=-1.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        ops.surgery_(a, [torch.randn(3)], eps=-1.0)  # the former name of the argument
 
 
 def test_backend_selection_errors(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import coefficients as _coef
-from .base import CA, CB, SKIP, RuleStateLists, StepHyper, SurgeryConfig
+from ..contract import CA, CB, SKIP, RuleStateLists, StepHyper, SurgeryConfig
 
 
 def _opmath(t: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..backends.base import StepHyper
+from ..contract import StepHyper
 from .base import BaseRule, check_number
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..backends.base import StepHyper
+from ..contract import StepHyper
 
 
 def check_number(value: Any, name: str, where: str, *, low: float = 0.0, high: float = math.inf,
