@@ -62,6 +62,11 @@ def resolve_data_parallel_group(group):
     return None
 
 
+def multi_rank() -> bool:
+    """True when torch.distributed runs with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def mean_over_ranks(t: Tensor, group) -> Tensor:
     """Average a (small) tensor over the ranks of ``group``; identity when group is None."""
     if group is None:

@@ -19,6 +19,7 @@ Implicit mode (one backward pass, a dual multiplier on the device)::
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor
 from . import amp, dispatch
 from . import distributed as dist_util
 from .buckets import DEFAULT_BUCKET_NUMEL, Bucket, build_buckets
+from .backward_gramian import FORGET, RETAIN, BackwardGramian
 from .capture import RetainCapture
 from .coefficients import unscaled
 from .contract import CLIP, COS, LAM, SKIP, A, RuleStateLists
@@ -81,9 +83,18 @@ class EUPMU(torch.optim.Optimizer):
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``; default: the
             ``EUPMU_BACKEND`` environment variable, else auto.
         bucket_numel: maximal elements per bucket of the retain-gradient buffer.
-        retain_grad_views: in explicit mode, :meth:`zero_grad` points each ``.grad`` at its view
-            of the retain buffer, so the retain backward pass writes g_r there with no copy
-            (plain tensors only; DTensor gradients are copied at :meth:`stash_retain_grad`).
+        retain_capture: how explicit mode keeps g_r (docs/design.md, Retain capture):
+            ``"reference"`` keeps the tensors autograd made for the retain pass (no copy, no
+            zeroing); ``"views"`` has :meth:`zero_grad` point each ``.grad`` at its view of a flat
+            buffer, so the retain pass accumulates there; ``"copy"`` copies ``.grad`` into that
+            buffer at :meth:`stash_retain_grad`. ``"auto"`` (default): ``"reference"``.
+        retain_grad_views: the former switch between ``"views"`` (True) and ``"copy"`` (False).
+        gramian_in_backward: form the Gramian in post-accumulate-grad hooks during the backward
+            passes (docs/design.md, Gramian in the backward pass) instead of in the step;
+            ``"auto"`` (default) does so wherever the hooks can see the final gradients (not
+            under multi-rank data parallelism, not for sharded parameters, not with
+            ``retain_capture="views"``); the step falls back on its own pass whenever a slot
+            does not describe the gradients it uses.
         process_group: for ZeRO-style sharded flat parameters: the group whose ranks each hold
             a shard; the Gramian is all-reduced over it. DTensor (FSDP2) parameters need nothing:
             their mesh says how they are sharded.
@@ -126,7 +137,9 @@ class EUPMU(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         backend: str | None = None,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
-        retain_grad_views: bool = True,
+        retain_capture: str = "auto",
+        retain_grad_views: bool | None = None,
+        gramian_in_backward: str | bool = "auto",
         process_group: Any = None,
         data_parallel_group: Any = "auto",
         grad_scaler: Any = None,
@@ -178,12 +191,19 @@ class EUPMU(torch.optim.Optimizer):
             _dual_config(dual, dual_lr, w_init, w_max, loss_transform, dual_step_scale, weighting, tolerance,
                          loss_lower_bounds),
             dist_util.resolve_data_parallel_group(data_parallel_group))
-        self.capture = RetainCapture(use_views=retain_grad_views and mode == "explicit")
+        self.capture = RetainCapture(_capture_mode(retain_capture, retain_grad_views))
+        if gramian_in_backward not in ("auto", True, False):
+            raise ValueError(f"gramian_in_backward must be 'auto', True or False, got {gramian_in_backward!r}")
+        self.gramian_in_backward = gramian_in_backward
+        self.backward_gramian = BackwardGramian()
+        self.gramian_source: str | None = None  # where the last step's Gramian came from: "backward" or "step"
+        self._hooks: list = []
 
         self._buckets: list[Bucket] | None = None
         self._stats: dict[str, Tensor] = {}
         self._skipped: Tensor | None = None
         self._warned_no_combine = False
+        self._get_buckets()  # hooks in place before the first backward pass
 
     # ------------------------------------------------------------------ configuration
 
@@ -208,6 +228,7 @@ class EUPMU(torch.optim.Optimizer):
         if getattr(self, "_buckets", None) is not None:
             self.capture.disarm()
             self._buckets = None
+            self._get_buckets()
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (mode={self.mode!r}, rule={self.rule!r}, backend={self.backend!r}"]
@@ -236,9 +257,55 @@ class EUPMU(torch.optim.Optimizer):
                 self.param_groups, self._names_by_id(),
                 lambda device, dtype: dispatch.get_backend(self.backend, device, dtype), self.bucket_numel,
                 lambda p: dist_util.shard_group(p, self.process_group))
-            if self.mode == "explicit":
-                self.capture.bind(self._buckets)
+            hooked = self._install_hooks(self._buckets)
+            self.capture.bind(self._buckets, hooked)
+            self.backward_gramian.bind(self._buckets)
         return self._buckets
+
+    def _install_hooks(self, buckets: list[Bucket]) -> set[int]:
+        """One post-accumulate-grad hook per plain trainable parameter (weakly bound to self)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        ref = weakref.ref(self)
+
+        def on_accumulate(p: Tensor) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._on_accumulate(p)
+
+        hooked = set()
+        for bucket in buckets:
+            for p in bucket.params:
+                if p.requires_grad and not dist_util.is_dtensor(p):
+                    self._hooks.append(p.register_post_accumulate_grad_hook(on_accumulate))
+                    hooked.add(id(p))
+        return hooked
+
+    def _on_accumulate(self, p: Tensor) -> None:
+        if self.mode == "explicit":
+            self.capture.reached(p)
+        grad = p.grad
+        if not self._backward_gramian_on() or grad is None or grad.layout != torch.strided \
+                or grad.dtype != p.dtype or grad.device != p.device:
+            return  # the step validates such a gradient and reports it by name
+        if self.mode == "implicit":
+            self.backward_gramian.record(p, FORGET, p.grad, None)
+        elif not self.capture.captured or self.capture.in_retain_pass:
+            self.backward_gramian.record(p, RETAIN, p.grad, None)
+        else:
+            self.backward_gramian.record(p, FORGET, p.grad, self.capture.grad_r_of(p))
+
+    def _backward_gramian_on(self) -> bool:
+        if self.gramian_in_backward is False:
+            return False
+        if self.mode == "explicit" and self.capture.mode == "views":
+            return False  # the views share one version counter: slots could not be checked
+        if self.mode == "implicit" and not (self.skip_nonfinite or self.surgery_config.max_norm is not None):
+            return False  # the step needs no Gramian
+        if self.gramian_in_backward is True:
+            return True
+        return self.process_group is None and not dist_util.multi_rank()
 
     @property
     def buckets(self) -> tuple[Bucket, ...]:
@@ -271,6 +338,7 @@ class EUPMU(torch.optim.Optimizer):
         """
         self.capture.disarm()
         super().zero_grad(set_to_none=set_to_none)
+        self.backward_gramian.reset()
         if self.mode != "explicit":
             return
         self._get_buckets()
@@ -304,11 +372,10 @@ class EUPMU(torch.optim.Optimizer):
 
         Views of the optimizer's buffer, valid until the next :meth:`step` or :meth:`zero_grad`."""
         self._require_mode("explicit", "retain_grads()")
-        out: dict[int, Tensor] = {}
+        out: dict[int, Tensor | None] = {}
         for bucket in self._get_buckets():
-            for p, view in zip(bucket.params, bucket.retain_views):
-                if self.capture.has(p):
-                    out[id(p)] = view
+            for i, p in enumerate(bucket.params):
+                out[id(p)] = self.capture.grad_r(bucket, i)
         return [out.get(id(p)) for g in self.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ implicit mode
@@ -350,8 +417,7 @@ class EUPMU(torch.optim.Optimizer):
         work = self._collect()
         if work:
             if explicit:
-                amp.unscale_retain_if_grads_were_unscaled(self, [b.retain for b in self._get_buckets()
-                                                                 if b.retain is not None])
+                amp.unscale_retain_if_grads_were_unscaled(self, self.capture.retain_buffers())
             coef, gram = self._coefficients(work)
             for bucket, idx, grads_f, grads_r in work:
                 params = [bucket.params[i] for i in idx]
@@ -362,6 +428,7 @@ class EUPMU(torch.optim.Optimizer):
             self._record_stats(gram, coef)
             amp.report_overflow(self, coef[SKIP])
         self.capture.release()
+        self.backward_gramian.reset()
         if not explicit:
             self.dual.end_step(hypers[0].lr if hypers else 0.0)
         return loss
@@ -403,7 +470,8 @@ class EUPMU(torch.optim.Optimizer):
                 idx.append(i)
                 grads_f.append(grad)
                 if explicit:
-                    grads_r.append(bucket.retain_views[i])  # zero where the parameter has no retain gradient
+                    grad_r = self.capture.grad_r(bucket, i)
+                    grads_r.append(torch.zeros_like(local) if grad_r is None else grad_r)
             if idx:
                 work.append((bucket, idx, grads_f, grads_r if explicit else None))
         return work
@@ -421,7 +489,14 @@ class EUPMU(torch.optim.Optimizer):
         return coef, (unscaled(gram, inv_scale) if need_gram else None)
 
     def _global_gramian(self, work) -> Tensor:
-        """Sum of bucket Gramians; partial sums of sharded buckets are all-reduced per group."""
+        """Sum of bucket Gramians (from the backward pass's slots when they hold, else computed
+        here); partial sums of sharded buckets are all-reduced per group."""
+        if self._backward_gramian_on():
+            parts = self.backward_gramian.gramian(work, lambda p: p.grad is not None, self.capture.has)
+            if parts is not None:
+                self.gramian_source = "backward"
+                return sum_gramians(parts)
+        self.gramian_source = "step"
         local_parts: list[Tensor] = []
         sharded: dict[int, tuple[Any, list[Tensor]]] = {}
         for bucket, _, grads_f, grads_r in work:
@@ -573,6 +648,12 @@ class EUPMU(torch.optim.Optimizer):
     def _require_mode(self, mode: str, what: str) -> None:
         if self.mode != mode:
             raise RuntimeError(f"{what} is for mode={mode!r}, but this optimizer was built with mode={self.mode!r}")
+
+
+def _capture_mode(retain_capture: str, retain_grad_views: bool | None) -> str:
+    if retain_grad_views is not None:
+        return "views" if retain_grad_views else "copy"
+    return "reference" if retain_capture == "auto" else retain_capture
 
 
 def _dual_config(dual: str, dual_lr: float | None, w_init: float, w_max: float | None, loss_transform: str | None,

@@ -17,7 +17,7 @@ def scaled_explicit_step(model, opt, scaler, step, unscale_first=False, poison=N
     opt.stash_retain_grad()
     scaler.scale(forget).backward()
     if poison == "retain":
-        opt._buckets[0].retain_views[0].view(-1)[0] = float("inf")
+        opt.retain_grads()[0].view(-1)[0] = float("inf")
     if poison == "forget":
         next(model.parameters()).grad.view(-1)[0] = float("inf")
     if unscale_first:

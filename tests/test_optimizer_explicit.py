@@ -119,11 +119,24 @@ def test_step_satisfies_constraint_on_real_gradients():
     assert active > 0
 
 
-def test_retain_gradient_is_captured_without_copy():
+def test_retain_gradient_is_kept_by_reference():
     model = make_model()
     opt = EUPMU(model.parameters(), lr=0.1, rule="sgd", mode="explicit", backend="torch")
     opt.zero_grad()
-    buffers = [b.retain for b in opt._buckets]
+    assert all(p.grad is None for p in model.parameters())  # nothing armed, nothing zeroed
+    losses(model, 0)[1].backward()
+    made = [p.grad for p in model.parameters()]
+    opt.stash_retain_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(kept is g for kept, g in zip(opt.retain_grads(), made))  # the very tensors autograd made
+    assert all(b.retain is None for b in opt.buckets)  # and no buffer
+
+
+def test_retain_gradient_is_captured_without_copy_in_views():
+    model = make_model()
+    opt = EUPMU(model.parameters(), lr=0.1, rule="sgd", mode="explicit", backend="torch", retain_capture="views")
+    opt.zero_grad()
+    buffers = [b.retain for b in opt.buckets]
     total = sum(b.numel() for b in buffers)
     numel = sum(p.numel() for p in model.parameters())
     assert numel <= total <= numel + 4 * len(list(model.parameters()))  # one gradient-sized buffer (+ alignment)
@@ -135,13 +148,14 @@ def test_retain_gradient_is_captured_without_copy():
     expected = torch.autograd.grad(losses(model, 0)[1], list(model.parameters()))
     opt.stash_retain_grad()
     assert all(p.grad is None for p in model.parameters())
-    assert torch.allclose(flat64(opt._buckets[0].retain_views), flat64(expected))
-    assert opt._buckets[0].retain is buffers[0]  # no new buffer
+    assert torch.allclose(flat64(opt.retain_grads()), flat64(expected))
+    assert opt.buckets[0].retain is buffers[0]  # no new buffer
 
 
-def test_stash_copies_when_grads_were_reset_and_accumulates():
+@pytest.mark.parametrize("capture", ["copy", "reference", "views"])
+def test_stash_copies_when_grads_were_reset_and_accumulates(capture):
     model = make_model()
-    opt = EUPMU(model.parameters(), lr=0.1, rule="sgd", mode="explicit", backend="torch", retain_grad_views=False)
+    opt = EUPMU(model.parameters(), lr=0.1, rule="sgd", mode="explicit", backend="torch", retain_capture=capture)
     model.zero_grad()
     g1 = torch.autograd.grad(losses(model, 0)[1], list(model.parameters()))
     g2 = torch.autograd.grad(losses(model, 1)[1], list(model.parameters()))
@@ -149,12 +163,13 @@ def test_stash_copies_when_grads_were_reset_and_accumulates():
         for p, gi in zip(model.parameters(), g):
             p.grad = gi.clone()
         opt.stash_retain_grad()
-    assert torch.allclose(flat64(opt._buckets[0].retain_views), flat64(g1) + flat64(g2))
+    assert torch.allclose(flat64(opt.retain_grads()), flat64(g1) + flat64(g2))
 
 
-def test_retain_grad_context_allows_interleaved_micro_batches():
+@pytest.mark.parametrize("capture", ["copy", "reference", "views"])
+def test_retain_grad_context_allows_interleaved_micro_batches(capture):
     model = make_model()
-    opt = EUPMU(model.parameters(), lr=0.1, rule="sgd", mode="explicit", backend="torch")
+    opt = EUPMU(model.parameters(), lr=0.1, rule="sgd", mode="explicit", backend="torch", retain_capture=capture)
     opt.zero_grad()
     expected_r = expected_f = 0
     for mb in range(3):
@@ -165,7 +180,7 @@ def test_retain_grad_context_allows_interleaved_micro_batches():
         f2, r2 = losses(model, mb)
         expected_r = expected_r + flat64(torch.autograd.grad(r2, list(model.parameters())))
         expected_f = expected_f + flat64(torch.autograd.grad(f2, list(model.parameters())))
-    assert torch.allclose(flat64(opt._buckets[0].retain_views), expected_r, atol=1e-6)
+    assert torch.allclose(flat64(opt.retain_grads()), expected_r, atol=1e-6)
     assert torch.allclose(flat64([p.grad for p in model.parameters()]), expected_f, atol=1e-6)
     opt.step()
 
@@ -173,7 +188,7 @@ def test_retain_grad_context_allows_interleaved_micro_batches():
 def test_parameter_missing_from_one_objective_counts_as_zero():
     a = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
     b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
-    opt = EUPMU([a, b], lr=0.1, rule="sgd", mode="explicit", backend="torch", retain_grad_views=False)
+    opt = EUPMU([a, b], lr=0.1, rule="sgd", mode="explicit", backend="torch", retain_capture="copy")
     retain = (a.sum() - b.sum()) ** 2  # both
     forget = -(a**2).sum()  # only a
     a0, b0 = a.detach().clone(), b.detach().clone()

@@ -55,7 +55,7 @@ def _run(params_order, bucket_numel, steps=4):
     grads = [[(torch.randn(s, generator=gen), torch.randn(s, generator=gen)) for s in shapes] for _ in range(steps)]
     params = [torch.nn.Parameter(t.clone()) for t in init]
     opt = EUPMU([params[i] for i in params_order], lr=0.05, rule="adamw", mode="explicit", max_grad_norm=1.0,
-                bucket_numel=bucket_numel, backend="torch", retain_grad_views=False)
+                bucket_numel=bucket_numel, backend="torch", retain_capture="copy")
     for step_grads in grads:
         for p, (_, g_r) in zip(params, step_grads):
             p.grad = g_r.clone()
@@ -78,9 +78,9 @@ def test_results_do_not_depend_on_parameter_order_or_bucket_size(order, bucket_n
 @pytest.mark.parametrize("bucket_numel", [1, 12, 1 << 26])
 def test_bucket_layout(bucket_numel):
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(3, 4), (7,), (1,), (5, 2)]]
-    opt = EUPMU(params, mode="explicit", bucket_numel=bucket_numel, backend="torch")
+    opt = EUPMU(params, mode="explicit", bucket_numel=bucket_numel, backend="torch", retain_capture="views")
     opt.zero_grad()
-    buckets = opt._buckets
+    buckets = opt.buckets
     numel = sum(p.numel() for p in params)
     assert numel <= sum(b.numel for b in buckets) <= numel + 4 * len(params)
     for b in buckets:

@@ -316,13 +316,13 @@ def test_implicit_step_without_combine_warns_once():
         opt.step()  # once only
 
 
-@pytest.mark.parametrize("retain_grad_views", [True, False])
+@pytest.mark.parametrize("capture", ["views", "copy", "reference"])
 @pytest.mark.parametrize("rule, hp", [("sgd", dict(momentum=0.9, weight_decay=0.1)), ("adamw", dict(weight_decay=0.5))])
-def test_parameter_without_gradients_is_left_alone_like_torch_optim(rule, hp, retain_grad_views):
+def test_parameter_without_gradients_is_left_alone_like_torch_optim(rule, hp, capture):
     torch.manual_seed(0)
     used, unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)  # `unused` is in neither loss
     params = list(used.parameters()) + list(unused.parameters())
-    opt = EUPMU(params, lr=0.1, rule=rule, mode="explicit", retain_grad_views=retain_grad_views, backend="torch",
+    opt = EUPMU(params, lr=0.1, rule=rule, mode="explicit", retain_capture=capture, backend="torch",
                 **hp)
     before = [q.detach().clone() for q in unused.parameters()]
     x = torch.randn(4, 3)

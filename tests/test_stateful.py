@@ -66,7 +66,7 @@ class Model:
 
     def zero_grad(self) -> None:
         self.grad, self.retain = {}, {}
-        self.armed = self.cfg["mode"] == "explicit" and self.cfg.get("retain_grad_views", True)
+        self.armed = self.cfg["mode"] == "explicit" and self.cfg.get("retain_capture") == "views"
         self.captured = False
 
     def backward(self, grads: dict[int, torch.Tensor]) -> None:
@@ -260,10 +260,11 @@ class ExplicitMachine(OptimizerMachine):
 
     @initialize(rule_key=st.sampled_from(list(RULE_HP)), surgery=st.sampled_from(["ungrad", "pcgrad", "graddiff"]),
                 tolerance=st.sampled_from([0.0, 0.5]), max_grad_norm=st.sampled_from([None, 0.7]),
-                views=st.booleans())
-    def setup(self, rule_key, surgery, tolerance, max_grad_norm, views) -> None:
+                capture=st.sampled_from(["views", "copy", "reference"]), in_backward=st.booleans())
+    def setup(self, rule_key, surgery, tolerance, max_grad_norm, capture, in_backward) -> None:
         self._build(rule_key, dict(mode="explicit", surgery=surgery, tolerance=tolerance, alpha=0.5,
-                                   max_grad_norm=max_grad_norm, retain_grad_views=views))
+                                   max_grad_norm=max_grad_norm, retain_capture=capture,
+                                   gramian_in_backward="auto" if in_backward else False))
 
     @rule(mask=st.integers(1, 15), scale=st.sampled_from([0.5, 1.0]))
     def retain_backward(self, mask: int, scale: float) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import coefficients as _coef
 from ..contract import CA, CB, SKIP, RuleStateLists, StepHyper, SurgeryConfig
+from ..reductions import fixed_order_sum, sum_rows
 
 
 def _opmath(t: Tensor) -> Tensor:
@@ -22,49 +23,36 @@ def _opmath(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-# The Gramian is accumulated in float64 (any finite float32 gradient then has a finite Gramian) in
-# a fixed order: products summed row by row over a [rows, _ROW] view, one thread per row, then the
-# row sums the same way. Row sums do not depend on the number of intra-op threads; a flat sum does.
-_ROW = 4096
+# The Gramian is accumulated in float64 (any finite float32 gradient then has a finite Gramian), per
+# tensor in fixed-size pieces, each summed in a fixed order (eupmu_kernels.reductions); the per-tensor
+# totals are then summed the same way as the slots filled during the backward pass, so both paths
+# give the same bits.
 _PIECE = 1 << 22  # elements upcast at a time: bounds the float64 temporaries to 32 MiB each
 
 
-def _fixed_order_sum(v: Tensor) -> Tensor:
-    """Sum of a 1-D float64 tensor in an order that depends only on its length."""
-    while v.numel() > _ROW:
-        full = v.numel() // _ROW * _ROW
-        rows = v[:full].view(-1, _ROW).sum(1)
-        v = torch.cat([rows, v[full:].sum().reshape(1)]) if full < v.numel() else rows
-    return v.sum()
-
-
-def _gram_partials(a: Tensor, b: Tensor | None) -> list[Tensor]:
-    """Per-piece float64 partial sums of (a*a, a*b, b*b) (only a*a without b), as [k, 3] or [k, 1]."""
+def _tensor_gramian(a: Tensor, b: Tensor | None) -> Tensor:
+    """float64[3] (<a,a>, <a,b>, <b,b>) of one tensor pair ((<a,a>, 0, 0) without b)."""
     a = a.reshape(-1)
     b = None if b is None else b.reshape(-1)
-    parts = []
+    pieces = []
     for start in range(0, a.numel(), _PIECE):
         x = a[start:start + _PIECE].to(torch.float64)
-        products = [x * x] if b is None else [x * x, None, None]
-        if b is not None:
+        if b is None:
+            sums = [fixed_order_sum(x * x)]
+            zero = torch.zeros_like(sums[0])
+            sums += [zero, zero]
+        else:
             y = b[start:start + _PIECE].to(torch.float64)
-            products[1], products[2] = x * y, y * y
-        parts.append(torch.stack([_fixed_order_sum(p) for p in products]))
-    return parts
+            sums = [fixed_order_sum(x * x), fixed_order_sum(x * y), fixed_order_sum(y * y)]
+        pieces.append(torch.stack(sums))
+    if not pieces:
+        return torch.zeros(3, dtype=torch.float64, device=a.device)
+    return pieces[0] if len(pieces) == 1 else sum_rows(torch.stack(pieces))
 
 
 def _gramian64(a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
-    parts = []
-    for i, x in enumerate(a):
-        parts.extend(_gram_partials(x, None if b is None else b[i]))
-    if not parts:
-        return torch.zeros(3, dtype=torch.float64, device=a[0].device if a else "cpu")
-    sums = torch.stack(parts)
-    totals = torch.stack([_fixed_order_sum(sums[:, k]) for k in range(sums.shape[1])])
-    if b is None:
-        zero = torch.zeros_like(totals)
-        return torch.cat([totals, zero, zero])
-    return totals
+    rows = [_tensor_gramian(x, None if b is None else b[i]) for i, x in enumerate(a)]
+    return sum_rows(torch.stack(rows))
 
 
 class TorchBackend:
