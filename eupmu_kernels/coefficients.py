@@ -42,7 +42,57 @@ def coefficients(gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None = No
         clip = torch.ones_like(dnorm)
     else:
         clip = torch.clamp(cfg.max_norm / (dnorm + CLIP_EPS), max=1.0)
+    return _vector(aa, ab, bb, a, b, dnorm, clip, inv, skip)
+
+
+def _vector(aa: Tensor, ab: Tensor, bb: Tensor, a: Tensor, b: Tensor, dnorm: Tensor, clip: Tensor, inv: Tensor,
+            skip: Tensor, round_cb_up: bool = False) -> Tensor:
+    """Assemble the float32 vector; a step whose ca or cb does not fit in float32 is skipped too.
+
+    ``round_cb_up``: cb is a lower bound (a constraint holds for any larger correction), so its
+    float32 value is rounded up instead of to nearest."""
     cos = safe_div(ab, torch.sqrt(aa) * torch.sqrt(bb))
-    ca = torch.where(skip, torch.ones_like(a), a * clip * inv)
-    cb = torch.where(skip, torch.zeros_like(b), b * clip * inv)
+    ca, cb = a * clip * inv, b * clip * inv
+    if round_cb_up:
+        cb32 = cb.float()
+        cb = torch.where(cb32.double() < cb, torch.nextafter(cb32, torch.full_like(cb32, float("inf"))), cb32)
+        cb = cb.double()
+    skip = skip | ~torch.isfinite(ca.float()) | ~torch.isfinite(cb.float())
+    ca = torch.where(skip, torch.ones_like(a), ca)
+    cb = torch.where(skip, torch.zeros_like(b), cb)
     return torch.stack([ca, cb, skip.to(torch.float64), b, clip, cos, dnorm, a]).to(torch.float32)
+
+
+CLIP_ITERATIONS = 8
+
+
+def update_space_coefficients(gram: Tensor, terms: Tensor, cfg: SurgeryConfig, budget: float,
+                              found_inf: Tensor | None = None) -> Tensor:
+    """UNGrad in update space (docs/design.md, Update-space surgery): the smallest lambda >= 0 with
+    K0 + c*(K1 + lambda*K2) >= -budget, c the clip factor of d = g_f + lambda*g_r.
+
+    Without clipping the solution is closed-form; with clipping c depends on lambda, and a fixed
+    number of fixed-point iterations (each a closed-form solve for the previous c) converges when
+    the constraint is feasible. The gradients must be unscaled."""
+    g = gram.to(torch.float64)
+    k = terms.to(device=g.device, dtype=torch.float64)
+    aa, ab, bb = g[0], g[1], g[2]
+    k0, k1, k2 = k[0], k[1], k[2]
+    skip = ~(torch.isfinite(g).all() & torch.isfinite(k).all())
+    if found_inf is not None:
+        skip = skip | (found_inf.to(g.device).reshape(()) != 0)
+    one = torch.ones_like(aa)
+
+    def solve(c: Tensor) -> Tensor:
+        return torch.clamp(safe_div(-budget - k0 - c * k1, c * k2), min=0.0)
+
+    def norm_of(lam: Tensor) -> Tensor:
+        return torch.sqrt(torch.clamp(aa + 2.0 * lam * ab + lam * lam * bb, min=0.0))
+
+    lam, clip = solve(one), one
+    if cfg.max_norm is not None:
+        for _ in range(CLIP_ITERATIONS):
+            clip = torch.clamp(cfg.max_norm / (norm_of(lam) + CLIP_EPS), max=1.0)
+            lam = solve(clip)
+        clip = torch.clamp(cfg.max_norm / (norm_of(lam) + CLIP_EPS), max=1.0)
+    return _vector(aa, ab, bb, one, lam, norm_of(lam), clip, one, skip, round_cb_up=True)

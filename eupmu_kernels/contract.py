@@ -77,6 +77,8 @@ class StepHyper:
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    # update-space surgery: Adam's denominator from the uncorrected g_f (docs/design.md, Update-space surgery)
+    uncorrected_preconditioner: bool = False
 
 
 @dataclass
@@ -120,6 +122,12 @@ class KernelBackend(Protocol):
               grads_r: Sequence[Tensor] | None, state: RuleStateLists, coef: Tensor, hp: StepHyper) -> None:
         """Fused combine + base update in place: unless coef[SKIP] is set, d = ca*g_f + cb*g_r,
         then the rule's update of params and state, step += 1. g_f and g_r are only read."""
+
+    def update_terms(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
+                     grads_r: Sequence[Tensor], state: RuleStateLists, hp: StepHyper) -> Tensor:
+        """float64[4] (K0, K1, K2, T0) of update-space surgery for this group: the step with
+        d = c*(g_f + lambda*g_r) moves theta by u with -<u, g_r> = K0 + c*(K1 + lambda*K2), and
+        T0 = <theta, g_r> before the step (docs/design.md, Update-space surgery)."""
 
 
 # ---------------------------------------------------------------------------------- codes

@@ -18,6 +18,7 @@ Implicit mode (one backward pass, a dual multiplier on the device)::
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator
@@ -30,7 +31,7 @@ from . import distributed as dist_util
 from .buckets import DEFAULT_BUCKET_NUMEL, Bucket, build_buckets
 from .backward_gramian import FORGET, RETAIN, BackwardGramian
 from .capture import RetainCapture
-from .coefficients import unscaled
+from .coefficients import unscaled, update_space_coefficients
 from .contract import CLIP, COS, LAM, SKIP, A, RuleStateLists
 from .dual import DualConfig, DualController, preset
 from .ops import make_config, sum_gramians
@@ -40,6 +41,7 @@ from .surgery import EXPLICIT_SURGERIES
 from .validation import check_gradient
 
 MODES = ("implicit", "explicit")
+SURGERY_SPACES = ("gradient", "update")
 _RULE_ARGUMENTS = {"betas": (0.9, 0.999), "eps": 1e-8, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
 
 
@@ -58,6 +60,11 @@ class EUPMU(torch.optim.Optimizer):
         mode: ``"implicit"`` (one backward pass through :meth:`combine`) or ``"explicit"``.
         surgery: explicit-mode rule, ``"ungrad"`` (unilateral, default), ``"pcgrad"``, ``"graddiff"``.
         tolerance: epsilon, the tolerated first-order retain-loss increase per unit step.
+        surgery_space: where explicit UNGrad enforces <., g_r> >= -tolerance: ``"gradient"`` (on the
+            combined gradient d, the paper's formulation) or ``"update"`` (on the update the base
+            rule actually applies, momentum, Adam's moments and weight decay included, so that
+            <theta_{t+1} - theta_t, g_r> <= lr * tolerance; docs/design.md, Update-space surgery).
+            ``stats()["retain_change"]`` then reports that first-order change, measured.
         alpha: the retain weight of ``"graddiff"``.
         max_grad_norm: clip the final direction to this global norm (no extra memory pass in
             explicit mode; one norm reduction in implicit mode).
@@ -123,6 +130,7 @@ class EUPMU(torch.optim.Optimizer):
         nesterov: bool | None = None,
         surgery: str = "ungrad",
         tolerance: float = 0.0,
+        surgery_space: str = "gradient",
         alpha: float = 1.0,
         max_grad_norm: float | None = None,
         dual: str = "reference",
@@ -149,6 +157,11 @@ class EUPMU(torch.optim.Optimizer):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if surgery not in EXPLICIT_SURGERIES:
             raise ValueError(f"surgery must be one of {EXPLICIT_SURGERIES}, got {surgery!r}")
+        if surgery_space not in SURGERY_SPACES:
+            raise ValueError(f"surgery_space must be one of {SURGERY_SPACES}, got {surgery_space!r}")
+        if surgery_space == "update" and (mode != "explicit" or surgery != "ungrad"):
+            raise ValueError("surgery_space='update' applies to mode='explicit' with surgery='ungrad' (PCGrad and "
+                             "GradDiff are fixed baselines defined on gradients)")
         if dual_step_scale not in (None, "lr", "one"):
             raise ValueError(f"dual_step_scale must be 'lr' or 'one', got {dual_step_scale!r}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
@@ -181,6 +194,7 @@ class EUPMU(torch.optim.Optimizer):
 
         self.surgery_config = make_config(surgery if mode == "explicit" else "none",
                                           tolerance if mode == "explicit" else 0.0, alpha, max_grad_norm)
+        self.surgery_space = surgery_space
         self.skip_nonfinite = bool(skip_nonfinite)
         self.state_dtype = state_dtype
         self.backend = dispatch.requested_backend(backend)
@@ -414,18 +428,26 @@ class EUPMU(torch.optim.Optimizer):
         if not explicit:
             self._warn_if_uncombined()
         hypers = [self.base_rule.step_hyper(g) for g in self._checked_groups()]
+        in_update_space = self.surgery_space == "update"
+        if in_update_space:
+            hypers = [dataclasses.replace(h, uncorrected_preconditioner=True) for h in hypers]
         work = self._collect()
         if work:
             if explicit:
                 amp.unscale_retain_if_grads_were_unscaled(self, self.capture.retain_buffers())
-            coef, gram = self._coefficients(work)
-            for bucket, idx, grads_f, grads_r in work:
-                params = [bucket.params[i] for i in idx]
-                state = self._rule_state(bucket, params)
-                params = [dist_util.local_view(p) for p in params]
-                bucket.backend.step_(self.rule, params, grads_f, grads_r, state,
-                                     coef.to(bucket.device, non_blocking=True), hypers[bucket.group_index])
+            launches = [(bucket, [dist_util.local_view(bucket.params[i]) for i in idx], grads_f, grads_r,
+                         self._rule_state(bucket, [bucket.params[i] for i in idx]), hypers[bucket.group_index])
+                        for bucket, idx, grads_f, grads_r in work]
+            if in_update_space:
+                coef, gram, theta_r = self._update_space_coefficients(work, launches, hypers[0].lr)
+            else:
+                coef, gram = self._coefficients(work)
+            for bucket, params, grads_f, grads_r, state, hp in launches:
+                self._step_backend(bucket).step_(self.rule, params, grads_f, grads_r, state,
+                                                 coef.to(bucket.device, non_blocking=True), hp)
             self._record_stats(gram, coef)
+            if in_update_space:
+                self._record_retain_change(launches, theta_r, hypers[0].lr)
             amp.report_overflow(self, coef[SKIP])
         self.capture.release()
         self.backward_gramian.reset()
@@ -488,6 +510,47 @@ class EUPMU(torch.optim.Optimizer):
         coef = first_bucket.backend.coefficients(gram, cfg, inv_scale, found_inf)
         return coef, (unscaled(gram, inv_scale) if need_gram else None)
 
+    def _step_backend(self, bucket: Bucket):
+        """The bucket's backend, or the torch backend where its kernels lack update-space support."""
+        if self.surgery_space == "update" and not getattr(bucket.backend, "update_space", False):
+            return dispatch.get_backend("torch", bucket.device, bucket.dtype)
+        return bucket.backend
+
+    def _update_space_coefficients(self, work, launches, lr: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Gramian and update-space terms (K0, K1, K2, T0) summed over buckets, then the coefficients."""
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("surgery_space='update' needs unscaled gradients: call scaler.unscale_(optimizer) "
+                               "before scaler.step(optimizer)")
+        gram = self._global_gramian(work)
+        parts = [self._step_backend(bucket).update_terms(self.rule, params, grads_f, grads_r, state, hp)
+                 for bucket, params, grads_f, grads_r, state, hp in launches]
+        terms = self._sum_over_shards(parts, [launch[0] for launch in launches])
+        budget = lr * self.surgery_config.tolerance
+        coef = update_space_coefficients(gram, terms, self.surgery_config, budget, getattr(self, "found_inf", None))
+        return coef, gram, terms[3]
+
+    def _record_retain_change(self, launches, theta_r_before: Tensor, lr: float) -> None:
+        """<theta_{t+1} - theta_t, g_r>, measured after the step (docs/design.md, Update-space surgery)."""
+        parts = [self._step_backend(bucket).gramian(params, grads_r)[1:2]
+                 for bucket, params, _, grads_r, _, _ in launches]
+        theta_r_after = self._sum_over_shards(parts, [launch[0] for launch in launches])[0]
+        self._stats["retain_change"] = theta_r_after - theta_r_before
+        self._stats["retain_change_budget"] = torch.full_like(theta_r_after, lr * self.surgery_config.tolerance)
+
+    def _sum_over_shards(self, parts: list[Tensor], buckets: list[Bucket]) -> Tensor:
+        """Sum per-bucket float64 vectors; those of sharded buckets are all-reduced per group first."""
+        local_parts: list[Tensor] = []
+        sharded: dict[int, tuple[Any, list[Tensor]]] = {}
+        for bucket, part in zip(buckets, parts):
+            part = part.to(torch.float64)
+            if bucket.reduce_group is None:
+                local_parts.append(part)
+            else:
+                sharded.setdefault(id(bucket.reduce_group), (bucket.reduce_group, []))[1].append(part)
+        for group, group_parts in sharded.values():
+            local_parts.append(dist_util.all_reduce_sum_(sum_gramians(group_parts).clone(), group))
+        return sum_gramians(local_parts)
+
     def _global_gramian(self, work) -> Tensor:
         """Sum of bucket Gramians (from the backward pass's slots when they hold, else computed
         here); partial sums of sharded buckets are all-reduced per group."""
@@ -497,17 +560,8 @@ class EUPMU(torch.optim.Optimizer):
                 self.gramian_source = "backward"
                 return sum_gramians(parts)
         self.gramian_source = "step"
-        local_parts: list[Tensor] = []
-        sharded: dict[int, tuple[Any, list[Tensor]]] = {}
-        for bucket, _, grads_f, grads_r in work:
-            part = bucket.backend.gramian(grads_f, grads_r).to(torch.float64)
-            if bucket.reduce_group is None:
-                local_parts.append(part)
-            else:
-                sharded.setdefault(id(bucket.reduce_group), (bucket.reduce_group, []))[1].append(part)
-        for group, parts in sharded.values():
-            local_parts.append(dist_util.all_reduce_sum_(sum_gramians(parts).clone(), group))
-        return sum_gramians(local_parts)
+        parts = [bucket.backend.gramian(grads_f, grads_r) for bucket, _, grads_f, grads_r in work]
+        return self._sum_over_shards(parts, [w[0] for w in work])
 
     def _rule_state(self, bucket: Bucket, params: list[Tensor]) -> RuleStateLists:
         group = self.param_groups[bucket.group_index]

@@ -6,6 +6,7 @@ tricks. Every fast path of the library is tested against these functions.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -117,38 +118,75 @@ def sgd_step(p: Tensor, d: Tensor, st: RuleState, lr: float, momentum: float = 0
 
 
 def adam_step(p: Tensor, d: Tensor, st: RuleState, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-              eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False) -> Tensor:
+              eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False,
+              preconditioner_gradient: Tensor | None = None) -> Tensor:
+    """torch.optim.Adam/AdamW. With ``preconditioner_gradient`` g0 (update-space surgery) the step's
+    denominator comes from beta2*v + (1-beta2)*g0'^2 (g0' = g0 plus the L2 term) instead of the new
+    second moment; the stored second moment is the usual one."""
     p, d = _f64(p), _f64(d)
     if st.exp_avg is None:
         st.exp_avg = torch.zeros_like(p)
         st.exp_avg_sq = torch.zeros_like(p)
-    if weight_decay:
-        if decoupled:
-            p = p * (1.0 - lr * weight_decay)
-        else:
-            d = d + weight_decay * p
+    g0 = None if preconditioner_gradient is None else _f64(preconditioner_gradient)
+    if weight_decay and not decoupled:
+        d = d + weight_decay * p
+        g0 = None if g0 is None else g0 + weight_decay * p
+    v_before = st.exp_avg_sq
+    if weight_decay and decoupled:
+        p = p * (1.0 - lr * weight_decay)
     st.step += 1
     st.exp_avg = beta1 * st.exp_avg + (1.0 - beta1) * d
-    st.exp_avg_sq = beta2 * st.exp_avg_sq + (1.0 - beta2) * d * d
+    st.exp_avg_sq = beta2 * v_before + (1.0 - beta2) * d * d
     bc1 = 1.0 - beta1**st.step
     bc2 = 1.0 - beta2**st.step
-    denom = st.exp_avg_sq.sqrt() / math.sqrt(bc2) + eps
+    second = st.exp_avg_sq if g0 is None else beta2 * v_before + (1.0 - beta2) * g0 * g0
+    denom = second.sqrt() / math.sqrt(bc2) + eps
     return p - (lr / bc1) * st.exp_avg / denom
 
 
 def adamw_step(p: Tensor, d: Tensor, st: RuleState, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-               eps: float = 1e-8, weight_decay: float = 1e-2) -> Tensor:
-    return adam_step(p, d, st, lr, beta1, beta2, eps, weight_decay, decoupled=True)
+               eps: float = 1e-8, weight_decay: float = 1e-2, preconditioner_gradient: Tensor | None = None) -> Tensor:
+    return adam_step(p, d, st, lr, beta1, beta2, eps, weight_decay, decoupled=True,
+                     preconditioner_gradient=preconditioner_gradient)
 
 
-def rule_step(rule: str, p: Tensor, d: Tensor, st: RuleState, **hp) -> Tensor:
+def rule_step(rule: str, p: Tensor, d: Tensor, st: RuleState, preconditioner_gradient: Tensor | None = None,
+              **hp) -> Tensor:
     if rule == "sgd":
         return sgd_step(p, d, st, **hp)
+    hp["preconditioner_gradient"] = preconditioner_gradient
     if rule == "adam":
         return adam_step(p, d, st, **hp)
     if rule == "adamw":
         return adamw_step(p, d, st, **hp)
     raise ValueError(f"unknown rule {rule!r}")
+
+
+# --- update-space surgery (docs/design.md, Update-space surgery) -----------------------------
+
+
+def first_order_retain_change(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, st: RuleState, lam: float,
+                              clip: float = 1.0, **hp) -> float:
+    """<theta_{t+1} - theta_t, g_r> of the step the optimizer takes with d = clip*(g_f + lam*g_r)
+    (update space: Adam's denominator from the uncorrected g_f), the state left untouched."""
+    d = clip * (_f64(g_f) + lam * _f64(g_r))
+    new = rule_step(rule, p, d, copy.deepcopy(st), preconditioner_gradient=g_f, **hp)
+    return float((new - _f64(p)) @ _f64(g_r))
+
+
+def update_space_lambda(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, st: RuleState, tolerance: float,
+                        clip: float = 1.0, **hp) -> float:
+    """The smallest lambda >= 0 whose step has <theta_{t+1} - theta_t, g_r> <= lr * tolerance.
+
+    The change is affine in lambda for a fixed clip factor, so two steps (lambda = 0 and 1) give it;
+    this is independent of the kernels' closed form in terms of dot products."""
+    budget = hp["lr"] * tolerance
+    at0 = first_order_retain_change(rule, p, g_f, g_r, st, 0.0, clip, **hp)
+    at1 = first_order_retain_change(rule, p, g_f, g_r, st, 1.0, clip, **hp)
+    slope = at0 - at1  # how much one unit of lambda lowers the change
+    if slope <= 0.0:
+        return 0.0
+    return max(0.0, (at0 - budget) / slope)
 
 
 # --- implicit surgery: dual rules (docs/design.md, Implicit surgery) --------------------------

@@ -57,6 +57,7 @@ def _gramian64(a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
 
 class TorchBackend:
     name = "torch"
+    update_space = True  # implements update_terms and the uncorrected-preconditioner Adam step
 
     def available(self) -> bool:
         return True
@@ -80,7 +81,7 @@ class TorchBackend:
 
     def step_(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
               grads_r: Sequence[Tensor] | None, state: RuleStateLists, coef: Tensor, hp: StepHyper) -> None:
-        if _torch_fused_applies(rule, params, state, hp):
+        if _torch_fused_applies(rule, params, state, hp) and not hp.uncorrected_preconditioner:
             _torch_fused_step(rule, params, grads_f, grads_r, state, coef, hp)
             return
         keep = coef[SKIP] == 0
@@ -92,8 +93,62 @@ class TorchBackend:
                 buf = state.momentum_buffer[i] if hp.momentum != 0 else None
                 _sgd(p, d, buf, step, hp, keep)
             else:
-                _adam(p, d, state.exp_avg[i], state.exp_avg_sq[i], step, hp, keep, decoupled=rule == "adamw")
+                g0 = _opmath(grads_f[i]) if hp.uncorrected_preconditioner else None
+                _adam(p, d, state.exp_avg[i], state.exp_avg_sq[i], step, hp, keep, decoupled=rule == "adamw", g0=g0)
             step.add_(keep.to(step.dtype))
+
+
+    def update_terms(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
+                     grads_r: Sequence[Tensor], state: RuleStateLists, hp: StepHyper) -> Tensor:
+        terms = _sgd_terms if rule == "sgd" else _adam_terms
+        rows = [terms(rule, params[i], grads_f[i], grads_r[i], state, i, hp) for i in range(len(params))]
+        return sum_rows(torch.stack(rows))
+
+
+def _f64(t: Tensor) -> Tensor:
+    return t.reshape(-1).to(torch.float64)
+
+
+def _dot64(x: Tensor, y: Tensor) -> Tensor:
+    return fixed_order_sum(x * y)
+
+
+def _sgd_terms(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, state: RuleStateLists, i: int,
+               hp: StepHyper) -> Tensor:
+    """D = s_b*mu*b + s_d*(d + wd*theta) with d the combined direction: (K0, K1, K2, T0) of one tensor."""
+    theta, f, r = _f64(p), _f64(g_f), _f64(g_r)
+    first = state.step[i] == 0
+    one = torch.ones((), dtype=torch.float64, device=p.device)
+    mu = hp.momentum
+    if mu == 0:
+        s_b, s_d = 0.0 * one, one
+    elif hp.nesterov:  # D = (1 + mu) d_total + mu^2 b
+        s_b, s_d = torch.where(first, 0.0, mu) * one, (1.0 + mu) * one
+    else:  # D = mu b + (1 - dampening) d_total, the first step D = d_total
+        s_b, s_d = torch.where(first, 0.0, 1.0) * one, torch.where(first, 1.0, 1.0 - hp.dampening) * one
+    theta_r = _dot64(theta, r)
+    buf_r = _dot64(_f64(state.momentum_buffer[i]), r) if mu != 0 else 0.0 * one
+    k0 = hp.lr * (s_b * mu * buf_r + s_d * hp.weight_decay * theta_r)
+    return torch.stack([k0, hp.lr * s_d * _dot64(f, r), hp.lr * s_d * _dot64(r, r), theta_r])
+
+
+def _adam_terms(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, state: RuleStateLists, i: int,
+                hp: StepHyper) -> Tensor:
+    """D = wd_dec*theta + P (beta1 m + (1 - beta1)(d + wd_l2*theta)) / bc1, P from the uncorrected g_f."""
+    theta, f, r = _f64(p), _f64(g_f), _f64(g_r)
+    decoupled = rule == "adamw"
+    l2 = 0.0 if decoupled else hp.weight_decay
+    t = state.step[i].to(torch.float64) + 1.0
+    bc1 = 1.0 - torch.pow(hp.beta1, t)
+    bc2 = 1.0 - torch.pow(hp.beta2, t)
+    g0 = f + l2 * theta
+    v_bar = hp.beta2 * _f64(state.exp_avg_sq[i]) + (1.0 - hp.beta2) * g0 * g0
+    pr = r / ((v_bar / bc2).sqrt() + hp.eps)  # P g_r
+    theta_r = _dot64(theta, r)
+    k0 = (hp.weight_decay * theta_r if decoupled else 0.0 * theta_r) \
+        + (hp.beta1 * _dot64(_f64(state.exp_avg[i]), pr) + (1.0 - hp.beta1) * l2 * _dot64(theta, pr)) / bc1
+    scale = (1.0 - hp.beta1) / bc1
+    return torch.stack([hp.lr * k0, hp.lr * scale * _dot64(f, pr), hp.lr * scale * _dot64(r, pr), theta_r])
 
 
 def _direction(g_f: Tensor, g_r: Tensor | None, ca: Tensor, cb: Tensor) -> Tensor:
@@ -120,19 +175,24 @@ def _sgd(p: Tensor, d: Tensor, buf: Tensor | None, step: Tensor, hp: StepHyper, 
 
 
 def _adam(p: Tensor, d: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, hp: StepHyper,
-          keep: Tensor, decoupled: bool) -> None:
+          keep: Tensor, decoupled: bool, g0: Tensor | None = None) -> None:
+    """One Adam/AdamW step; with g0 (update-space surgery) the denominator is that of the uncorrected
+    gradient g0, beta2*v + (1-beta2)*g0'^2, while the stored second moment is the usual one."""
     p32 = _opmath(p)
     if hp.weight_decay != 0:
         if decoupled:
             p32 = p32 * (1.0 - hp.lr * hp.weight_decay)
         else:
             d = d + hp.weight_decay * p32
+            g0 = None if g0 is None else g0 + hp.weight_decay * _opmath(p)
     t = step.double() + 1.0
     bc1 = (1.0 - torch.pow(hp.beta1, t)).to(p32.dtype)
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(hp.beta2, t)).to(p32.dtype)
     m = torch.lerp(_opmath(exp_avg), d, 1.0 - hp.beta1)
-    v = _opmath(exp_avg_sq) * hp.beta2 + (1.0 - hp.beta2) * d * d
-    denom = v.sqrt() / bc2_sqrt + hp.eps
+    v_before = _opmath(exp_avg_sq) * hp.beta2
+    v = v_before + (1.0 - hp.beta2) * d * d
+    second = v if g0 is None else v_before + (1.0 - hp.beta2) * g0 * g0
+    denom = second.sqrt() / bc2_sqrt + hp.eps
     new_p = p32 - (hp.lr / bc1) * (m / denom)
     _write(exp_avg, m, keep)
     _write(exp_avg_sq, v, keep)
