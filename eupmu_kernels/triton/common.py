@@ -14,16 +14,28 @@ from __future__ import annotations
 
 import torch
 import triton.language as tl
+from torch import Tensor
 
 from ..backends.base import SKIP
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
-# Largest finite float32: |x| <= FLT_MAX is false exactly for inf and nan.
+# Largest finite float32 and float64: |x| <= MAX is false exactly for inf and nan (and, for
+# FLT_MAX, for float64 values beyond the float32 range).
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+DBL_MAX: tl.constexpr = tl.constexpr(1.7976931348623157e308)
 SKIP_SLOT: tl.constexpr = tl.constexpr(SKIP)
 ALIGN: tl.constexpr = tl.constexpr(16)
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return TL_DTYPES[dtype]
+
+
+def aligned(t: Tensor) -> Tensor:
+    """``t`` itself when its address is 16-byte aligned, else an aligned copy.
+
+    Triton compiles one variant of a kernel per alignment class of each pointer argument; keeping
+    every pointer argument aligned means each launch uses the one variant that the readiness
+    check compiles (docs/design.md, GPU readiness)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()

@@ -47,7 +47,7 @@ def _int_power(base, exponent, BITS: tl.constexpr):
     return result
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors"])
 def _advance_steps_kernel(step_addresses, n_tensors, coef, scalars, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
                           BIAS_CORRECTION: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr):
     idx = tl.program_id(0) * LANES + tl.arange(0, LANES)
@@ -94,7 +94,7 @@ def _sgd_block(addr_p, addr_f, addr_r, addr_buf, owner, offs, mask, other, ca, c
     tl.store(p_ptr + offs, (p - lr * d).to(P_DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nesterov"])
 def _sgd_kernel(addr_p, addr_f, addr_r, addr_buf, numels, block_owner, block_index, block_fast, coef, scalars,
                 lr, weight_decay, momentum, one_minus_dampening, nesterov,
                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_R: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
@@ -150,7 +150,7 @@ def _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, mask, other
     tl.store(p_ptr + offs, (p - step_size * (m / denom)).to(P_DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors"])
 def _adam_kernel(addr_p, addr_f, addr_r, addr_m, addr_v, numels, block_owner, block_index, block_fast, coef,
                  scalars, n_tensors, lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_R: tl.constexpr, DECOUPLED: tl.constexpr,
