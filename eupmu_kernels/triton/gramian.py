@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ALIGN, tl_dtype
+from .common import ALIGN, masked_offsets, tl_dtype
 from .tables import BLOCK, TensorTable
 
 FINISH_BLOCK = 1024
@@ -49,14 +49,23 @@ def _load_wide(addr, owner, offs, mask, other, DTYPE: tl.constexpr, FAST: tl.con
 
 
 @triton.jit
+def _total(x, FAST: tl.constexpr):
+    """Sum of a fast-path vector or of a general-path tile (fixed order either way)."""
+    if FAST:
+        return tl.sum(x, axis=0)
+    else:
+        return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
 def _block_dots(addr_a, addr_b, owner, offs, mask, other, DTYPE: tl.constexpr, HAS_B: tl.constexpr,
                 FAST: tl.constexpr):
     a = _load_wide(addr_a, owner, offs, mask, other, DTYPE, FAST)
-    aa = tl.sum(a * a, axis=0)
+    aa = _total(a * a, FAST)
     if HAS_B:
         b = _load_wide(addr_b, owner, offs, mask, other, DTYPE, FAST)
-        ab = tl.sum(a * b, axis=0)
-        bb = tl.sum(b * b, axis=0)
+        ab = _total(a * b, FAST)
+        bb = _total(b * b, FAST)
     else:
         ab = aa
         bb = aa
@@ -68,12 +77,14 @@ def _gramian_blocks_kernel(addr_a, addr_b, numels, block_owner, block_index, blo
                            DTYPE: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     owner = tl.load(block_owner + pid)
-    offs = tl.load(block_index + pid) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.load(block_index + pid) * BLOCK
     if tl.load(block_fast + pid) != 0:
-        aa, ab, bb = _block_dots(addr_a, addr_b, owner, offs, None, None, DTYPE, HAS_B, True)
+        lanes = start + tl.arange(0, BLOCK)
+        aa, ab, bb = _block_dots(addr_a, addr_b, owner, lanes, None, None, DTYPE, HAS_B, True)
     else:
-        mask = offs < tl.load(numels + owner)
-        aa, ab, bb = _block_dots(addr_a, addr_b, owner, offs, mask, 0, DTYPE, HAS_B, False)
+        tile = masked_offsets(start, BLOCK)
+        mask = tile < tl.load(numels + owner)
+        aa, ab, bb = _block_dots(addr_a, addr_b, owner, tile, mask, 0, DTYPE, HAS_B, False)
     tl.store(partials + pid, aa)
     if HAS_B:  # without b the finishing kernel writes zeros for <a,b> and <b,b>
         tl.store(partials + n_blocks + pid, ab)
