@@ -88,10 +88,10 @@ def _build(device: torch.device, addresses: list[list[int]], numels: list[int],
     flat = torch.cat(parts).to(device)
     sizes = [len(addresses) * n_pad, n_pad, b_pad, b_pad, b_pad] + ([n_pad] if scalar_addresses is not None else [])
     views = torch.split(flat, sizes)
+    scalar_view = views[5][:n] if scalar_addresses is not None else None
     return TensorTable(
         addresses=views[0].view(len(addresses), n_pad)[:, :n], numels=views[1][:n], block_owner=views[2],
-        block_index=views[3], block_fast=views[4], scalar_addresses=views[5][:n] if scalar_addresses is not None else None,
-        n_tensors=n, n_blocks=n_blocks)
+        block_index=views[3], block_fast=views[4], scalar_addresses=scalar_view, n_tensors=n, n_blocks=n_blocks)
 
 
 class TableCache:
