@@ -578,8 +578,8 @@ def write_report(rows: list[Row], out_dir: str, meta: dict) -> dict:
     lines += ["", "## Bytes model at 1e8 parameters (a model, not a measurement)\n",
               "Time = bytes moved / peak HBM bandwidth. Launch latency (a few microseconds per launch) and "
               "the tiny coefficient kernels are not modelled. Measured copy bandwidth is below peak "
-              "(about 3.0 TB/s on H100 and 4.3 TB/s on H200), so a kernel at 80% of copy bandwidth "
-              "takes about 1.4x the H100 figure and 1.4x the H200 figure.\n",
+              "(about 3.0 TB/s on H100 and 4.3 TB/s on H200), so a kernel at 80% of the measured copy "
+              "bandwidth takes about 1.4x these times on either card.\n",
               "| kernel | layout | bytes/param | H100 3.35 TB/s (us) | H200 4.8 TB/s (us) |", "|---|---|---|---|---|"]
     for p in projection:
         lines.append(f"| {p['kernel']} | {p['layout']} | {p['bytes_per_param']} | {p['model_us_H100']:.0f} | "
