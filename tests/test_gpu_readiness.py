@@ -174,7 +174,7 @@ def test_cuda_kernels_compile_for_both_archs(report):
 def test_bytes_model_projection_is_labelled(report):
     projection = report["bytes_model_projection"]
     two_pass = [p for p in projection if p["kernel"].startswith("explicit surgery") and p["layout"] == "fp32"]
-    assert two_pass and two_pass[0]["bytes_per_param"] == 40  # SPEC: 8 + 32 bytes per parameter
+    assert two_pass and two_pass[0]["bytes_per_param"] == 40  # the bytes model: 8 (Gramian) + 32 (step)
     assert two_pass[0]["model_us_H100"] == pytest.approx(40 * 1e8 / 3.35e12 * 1e6)
 
 
