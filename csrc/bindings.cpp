@@ -19,8 +19,7 @@ at::Tensor coefficients(const at::Tensor& gram, int64_t method, double eps, doub
                         const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(method >= kUngrad && method <= kMethodNone, "unknown surgery method code ", method);
   CoefficientArgs args;
-  args.spec = SurgerySpec{static_cast<int>(method), static_cast<float>(eps), static_cast<float>(alpha),
-                          static_cast<float>(max_norm.value_or(0.0)), max_norm.has_value() ? 1 : 0};
+  args.spec = SurgerySpec{static_cast<int>(method), eps, alpha, max_norm.value_or(0.0), max_norm.has_value() ? 1 : 0};
   args.inv_scale = inv_scale;
   args.found_inf = found_inf;
   return on_cuda(gram) ? cuda_ops::coefficients(gram, args) : cpu_ops::coefficients(gram, args);
@@ -72,10 +71,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
 
   m.def("gramian", &eupmu::gramian, nogil, arg("a"), arg("b") = py::none(),
-        "float32[3] (<a,a>, <a,b>, <b,b>) over a tensor list of one dtype and device (deterministic)");
+        "float64[3] (<a,a>, <a,b>, <b,b>) over a tensor list of one dtype and device (float64 products and "
+        "sums, deterministic)");
   m.def("coefficients", &eupmu::coefficients, nogil, arg("gram"), arg("method"), arg("eps"), arg("alpha"),
         arg("max_norm") = py::none(), arg("inv_scale") = py::none(), arg("found_inf") = py::none(),
-        "the float32[8] coefficient vector from a Gramian, computed on the Gramian's device");
+        "the float32[8] coefficient vector from a float64 (or float32) Gramian, computed in float64 on the "
+        "Gramian's device");
   m.def("combine_", &eupmu::combine, nogil, arg("grads_f"), arg("grads_r"), arg("coef"),
         "g_f <- ca*g_f + cb*g_r in place unless coef[skip] is set");
   m.def("step_", &eupmu::step, nogil, arg("rule"), arg("params"), arg("grads_f"), arg("grads_r"), arg("steps"),

@@ -155,20 +155,20 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
   for (size_t j = 0; j < chunks.size(); ++j) {
     for (int k = 0; k < 3; ++k) sums[k] += partial[3 * j + k];
   }
-  at::Tensor out = at::empty({3}, a[0].options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int k = 0; k < 3; ++k) o[k] = static_cast<float>(sums[k]);
+  at::Tensor out = at::empty({3}, a[0].options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int k = 0; k < 3; ++k) o[k] = sums[k];
   return out;
 }
 
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args) {
   TORCH_CHECK(gram.numel() == 3, "the Gramian must have 3 elements, got ", gram.numel());
-  const at::Tensor g = gram.to(at::kFloat).contiguous();
+  const at::Tensor g = gram.to(at::kDouble).contiguous();  // float32 Gramians are widened exactly
   at::Tensor inv, found;
   if (args.inv_scale) inv = args.inv_scale->to(gram.device(), at::kFloat).reshape({-1}).contiguous();
   if (args.found_inf) found = args.found_inf->to(gram.device(), at::kFloat).reshape({-1}).contiguous();
-  at::Tensor out = at::empty({kCoefLen}, g.options());
-  compute_coefficients(g.data_ptr<float>(), args.spec, inv.defined() ? inv.data_ptr<float>() : nullptr,
+  at::Tensor out = at::empty({kCoefLen}, g.options().dtype(at::kFloat));
+  compute_coefficients(g.data_ptr<double>(), args.spec, inv.defined() ? inv.data_ptr<float>() : nullptr,
                        found.defined() ? found.data_ptr<float>() : nullptr, out.data_ptr<float>());
   return out;
 }

@@ -1,5 +1,5 @@
-// CUDA kernels over tensor lists (see cuda_kernels.h for the metadata layout). float32 math for
-// every storage dtype; 16-byte vector accesses where every pointer of a chunk is aligned, element
+// CUDA kernels over tensor lists (see cuda_kernels.h for the metadata layout). float32 update
+// math for every storage dtype, float64 Gramian and coefficients; 16-byte vector accesses where every pointer of a chunk is aligned, element
 // accesses otherwise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -115,15 +115,20 @@ __device__ __forceinline__ void block_sum3(V& x, V& y, V& z) {
 }
 
 // ------------------------------------------------------------------------------ Gramian
+//
+// Every element is widened to double before it is multiplied (docs/design.md, Kernel contract):
+// the product of two floats is exact in double, and no finite float32/bf16/fp16 input can make
+// a partial overflow or underflow. The conversions and double FMAs stay well below the memory
+// time on sm_80 and sm_90 (see the readiness report for registers).
 
 template <typename T, bool kHasB>
-__global__ void __launch_bounds__(kBlock) gram_chunks_kernel(LaunchMeta m, float* __restrict__ slots) {
+__global__ void __launch_bounds__(kBlock) gram_chunks_kernel(LaunchMeta m, double* __restrict__ slots) {
   const int64_t c = blockIdx.x;
   const Chunk ch = chunk_of(m, kGramRows, c);
   const T* __restrict__ a = row_ptr<const T>(m, 0, ch.tensor) + ch.start;
   const T* __restrict__ b = kHasB ? row_ptr<const T>(m, 1, ch.tensor) + ch.start : nullptr;
   constexpr int N = 16 / sizeof(T);
-  float aa = 0.0f, ab = 0.0f, bb = 0.0f;
+  double aa = 0.0, ab = 0.0, bb = 0.0;
   int done = 0;
   if (aligned_to(a, 16) && (!kHasB || aligned_to(b, 16))) {
     const int packs = ch.n / N;
@@ -136,22 +141,26 @@ __global__ void __launch_bounds__(kBlock) gram_chunks_kernel(LaunchMeta m, float
         load_pack<T, N>(b + v * N, y);
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          aa += x[k] * x[k];
-          ab += x[k] * y[k];
-          bb += y[k] * y[k];
+          const double xd = x[k], yd = y[k];
+          aa += xd * xd;
+          ab += xd * yd;
+          bb += yd * yd;
         }
       } else {
 #pragma unroll
-        for (int k = 0; k < N; ++k) aa += x[k] * x[k];
+        for (int k = 0; k < N; ++k) {
+          const double xd = x[k];
+          aa += xd * xd;
+        }
       }
     }
     done = packs * N;
   }
   for (int i = done + threadIdx.x; i < ch.n; i += blockDim.x) {
-    const float x = Storage<T>::load(a[i]);
+    const double x = Storage<T>::load(a[i]);
     aa += x * x;
     if constexpr (kHasB) {
-      const float y = Storage<T>::load(b[i]);
+      const double y = Storage<T>::load(b[i]);
       ab += x * y;
       bb += y * y;
     }
@@ -164,10 +173,10 @@ __global__ void __launch_bounds__(kBlock) gram_chunks_kernel(LaunchMeta m, float
   }
 }
 
-// One block: every thread sums a fixed strided subset of the slots in double, then the block
-// tree. No atomics, so the result depends only on the inputs.
+// One block: every thread sums a fixed strided subset of the slots, then the block tree. No
+// atomics, so the result depends only on the inputs.
 __global__ void __launch_bounds__(kCleanupBlock)
-    gram_cleanup_kernel(const float* __restrict__ slots, int64_t nslots, float* __restrict__ out) {
+    gram_cleanup_kernel(const double* __restrict__ slots, int64_t nslots, double* __restrict__ out) {
   double x = 0.0, y = 0.0, z = 0.0;
   for (int64_t s = threadIdx.x; s < nslots; s += blockDim.x) {
     x += slots[3 * s];
@@ -176,14 +185,14 @@ __global__ void __launch_bounds__(kCleanupBlock)
   }
   block_sum3(x, y, z);
   if (threadIdx.x == 0) {
-    out[0] = static_cast<float>(x);
-    out[1] = static_cast<float>(y);
-    out[2] = static_cast<float>(z);
+    out[0] = x;
+    out[1] = y;
+    out[2] = z;
   }
 }
 
 template <typename T>
-void gram_kernels(bool has_b, const LaunchMeta& m, float* slots, cudaStream_t stream) {
+void gram_kernels(bool has_b, const LaunchMeta& m, double* slots, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(m.nchunks));
   if (has_b) {
     gram_chunks_kernel<T, true><<<grid, kBlock, 0, stream>>>(m, slots);
@@ -194,7 +203,7 @@ void gram_kernels(bool has_b, const LaunchMeta& m, float* slots, cudaStream_t st
 
 // ------------------------------------------------------------------------------ coefficients
 
-__global__ void coefficients_kernel(const float* gram, SurgerySpec spec, const float* inv_scale,
+__global__ void coefficients_kernel(const double* gram, SurgerySpec spec, const float* inv_scale,
                                     const float* found_inf, float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) compute_coefficients(gram, spec, inv_scale, found_inf, out);
 }
@@ -364,7 +373,7 @@ void update_kernels_state(const UpdateLaunch& u, const LaunchMeta& m, const floa
 
 }  // namespace
 
-cudaError_t launch_gramian(DType dtype, bool has_b, const LaunchMeta& meta, float* slots, float* out,
+cudaError_t launch_gramian(DType dtype, bool has_b, const LaunchMeta& meta, double* slots, double* out,
                            cudaStream_t stream) {
   if (meta.nchunks > 0) {
     switch (dtype) {
@@ -377,7 +386,7 @@ cudaError_t launch_gramian(DType dtype, bool has_b, const LaunchMeta& meta, floa
   return cudaGetLastError();
 }
 
-cudaError_t launch_coefficients(const float* gram, const SurgerySpec& spec, const float* inv_scale,
+cudaError_t launch_coefficients(const double* gram, const SurgerySpec& spec, const float* inv_scale,
                                 const float* found_inf, float* out, cudaStream_t stream) {
   coefficients_kernel<<<1, 1, 0, stream>>>(gram, spec, inv_scale, found_inf, out);
   return cudaGetLastError();

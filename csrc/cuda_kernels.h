@@ -43,12 +43,14 @@ struct UpdateLaunch {
   DecayMode decay;
 };
 
-// Per-chunk partial sums into slots[3*C], then one block sums them in a fixed order into out[3].
-cudaError_t launch_gramian(DType dtype, bool has_b, const LaunchMeta& meta, float* slots, float* out,
+// Per-chunk float64 partial sums into slots[3*C], then one block sums them in a fixed order into
+// out[3] (float64).
+cudaError_t launch_gramian(DType dtype, bool has_b, const LaunchMeta& meta, double* slots, double* out,
                            cudaStream_t stream);
 
-// One thread: the float32[8] coefficient vector. inv_scale and found_inf may be null.
-cudaError_t launch_coefficients(const float* gram, const SurgerySpec& spec, const float* inv_scale,
+// One thread: the float32[8] coefficient vector from the float64 Gramian. inv_scale and found_inf
+// may be null.
+cudaError_t launch_coefficients(const double* gram, const SurgerySpec& spec, const float* inv_scale,
                                 const float* found_inf, float* out, cudaStream_t stream);
 
 // g_f <- ca*g_f + cb*g_r unless coef[skip] is set.

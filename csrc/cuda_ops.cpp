@@ -112,11 +112,11 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
     rows[1].push_back(pairs.has_b ? pairs.b[i].data_ptr() : nullptr);
   }
   const DeviceMeta meta = upload_meta(rows, numels_of(pairs.a), device);
-  const at::TensorOptions f32 = at::TensorOptions().device(device).dtype(at::kFloat);
-  at::Tensor slots = at::empty({std::max<int64_t>(3 * meta.view.nchunks, 3)}, f32);
-  at::Tensor out = at::empty({3}, f32);
+  const at::TensorOptions f64 = at::TensorOptions().device(device).dtype(at::kDouble);
+  at::Tensor slots = at::empty({std::max<int64_t>(3 * meta.view.nchunks, 3)}, f64);
+  at::Tensor out = at::empty({3}, f64);
   C10_CUDA_CHECK(cuda::launch_gramian(to_kernel_dtype(a[0].scalar_type()), pairs.has_b, meta.view,
-                                      slots.data_ptr<float>(), out.data_ptr<float>(), current_stream(device)));
+                                      slots.data_ptr<double>(), out.data_ptr<double>(), current_stream(device)));
   return out;
 }
 
@@ -124,11 +124,11 @@ at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args) {
   TORCH_CHECK(gram.numel() == 3, "the Gramian must have 3 elements, got ", gram.numel());
   const at::Device device = gram.device();
   const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor g = gram.to(at::kFloat).contiguous();
+  const at::Tensor g = gram.to(at::kDouble).contiguous();  // float32 Gramians are widened exactly
   const at::Tensor inv = float_on(args.inv_scale, device);
   const at::Tensor found = float_on(args.found_inf, device);
-  at::Tensor out = at::empty({kCoefLen}, g.options());
-  C10_CUDA_CHECK(cuda::launch_coefficients(g.data_ptr<float>(), args.spec,
+  at::Tensor out = at::empty({kCoefLen}, g.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_coefficients(g.data_ptr<double>(), args.spec,
                                            inv.defined() ? inv.data_ptr<float>() : nullptr,
                                            found.defined() ? found.data_ptr<float>() : nullptr,
                                            out.data_ptr<float>(), current_stream(device)));

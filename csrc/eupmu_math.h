@@ -1,5 +1,5 @@
 // Scalar math shared by the CUDA kernels and the C++ CPU kernels: the coefficient stage
-// (semantics of eupmu_kernels/coefficients.py) and the per-element update rules
+// (semantics of eupmu_kernels/coefficients.py, float64 math) and the per-element update rules
 // (torch.optim formulas, float32 math). No torch headers: this file is also compiled by nvcc
 // on its own.
 #pragma once
@@ -23,31 +23,40 @@ constexpr int kCa = 0, kCb = 1, kSkip = 2, kLam = 3, kClip = 4, kCos = 5, kDnorm
 enum Method : int { kUngrad = 0, kPcgrad = 1, kGraddiff = 2, kMethodNone = 3 };
 enum Rule : int { kSgd = 0, kAdam = 1, kAdamW = 2 };
 
-// Storage dtypes of the kernels (math is float32 for all of them).
+// Storage dtypes of the kernels (the update math is float32 for all of them).
 enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
-constexpr float kClipEps = 1e-6f;  // reference.CLIP_EPS
+// ----------------------------------------------------------------------------- coefficients
+//
+// The Gramian is float64[3] (docs/design.md, Kernel contract): its element products and sums are
+// float64, so it is finite and accurate for any finite float32/bf16/fp16 gradients. This stage
+// reads it and computes in float64 too; only the eight output slots are rounded to float32.
+
+constexpr double kClipEps = 1e-6;  // reference.CLIP_EPS
+constexpr double kFloatMax = 3.4028234663852886e38;
+constexpr double kDoubleMax = 1.7976931348623157e308;
 
 struct SurgerySpec {
   int method;
-  float eps;
-  float alpha;
-  float max_norm;
+  double eps;
+  double alpha;
+  double max_norm;
   int has_max_norm;
 };
 
-EUPMU_HD bool is_finite(float x) { return fabsf(x) <= 3.40282347e38f; }  // false for inf and NaN
+EUPMU_HD bool is_finite(double x) { return fabs(x) <= kDoubleMax; }  // false for inf and NaN
+EUPMU_HD bool fits_float(double x) { return fabs(x) <= kFloatMax; }  // false for NaN too
 
 // num / den where den > 0, else 0.
-EUPMU_HD float safe_div(float num, float den) { return den > 0.0f ? num / den : 0.0f; }
+EUPMU_HD double safe_div(double num, double den) { return den > 0.0 ? num / den : 0.0; }
 
 // torch.clamp keeps NaN; so do these (a NaN comparison is false).
-EUPMU_HD float clamp_min_zero(float x) { return x < 0.0f ? 0.0f : x; }
-EUPMU_HD float clamp_max_one(float x) { return x > 1.0f ? 1.0f : x; }
+EUPMU_HD double clamp_min_zero(double x) { return x < 0.0 ? 0.0 : x; }
+EUPMU_HD double clamp_max_one(double x) { return x > 1.0 ? 1.0 : x; }
 
 // The rule's (a, b) with d = a*g_f + b*g_r, from an already unscaled Gramian.
-EUPMU_HD void pair_coefficients(float aa, float ab, float bb, const SurgerySpec& s, float* a, float* b) {
-  *a = 1.0f;
+EUPMU_HD void pair_coefficients(double aa, double ab, double bb, const SurgerySpec& s, double* a, double* b) {
+  *a = 1.0;
   switch (s.method) {
     case kUngrad:
       *b = clamp_min_zero(safe_div(-ab - s.eps, bb));
@@ -56,46 +65,50 @@ EUPMU_HD void pair_coefficients(float aa, float ab, float bb, const SurgerySpec&
       *b = s.alpha;
       break;
     case kPcgrad: {
-      const bool conflict = ab < 0.0f;
-      *a = conflict ? 1.0f - safe_div(ab, aa) : 1.0f;
-      *b = conflict ? 1.0f - safe_div(ab, bb) : 1.0f;
+      const bool conflict = ab < 0.0;
+      *a = conflict ? 1.0 - safe_div(ab, aa) : 1.0;
+      *b = conflict ? 1.0 - safe_div(ab, bb) : 1.0;
       break;
     }
     default:
-      *b = 0.0f;
+      *b = 0.0;
       break;
   }
 }
 
-// gram: float[3] (scaled by the loss scale when inv_scale is given); inv_scale and found_inf may
-// be null. Writes the float[8] vector.
-EUPMU_HD void compute_coefficients(const float* gram, const SurgerySpec& s, const float* inv_scale,
+// gram: double[3] (scaled by the loss scale when inv_scale is given); inv_scale and found_inf
+// may be null. Writes the float[8] vector. The step is skipped on a non-finite Gramian, on
+// found_inf != 0 (NaN included), and when ca or cb does not fit in float32: the update kernels
+// multiply by them in float32, and an infinite coefficient must never reach the parameters.
+EUPMU_HD void compute_coefficients(const double* gram, const SurgerySpec& s, const float* inv_scale,
                                    const float* found_inf, float* out) {
-  const float inv = inv_scale != nullptr ? *inv_scale : 1.0f;
-  float aa = gram[0], ab = gram[1], bb = gram[2];
+  const double inv = inv_scale != nullptr ? static_cast<double>(*inv_scale) : 1.0;
+  double aa = gram[0], ab = gram[1], bb = gram[2];
   if (inv_scale != nullptr) {
-    const float inv2 = inv * inv;
+    const double inv2 = inv * inv;
     aa *= inv2;
     ab *= inv2;
     bb *= inv2;
   }
   bool skip = !(is_finite(aa) && is_finite(ab) && is_finite(bb));
-  if (found_inf != nullptr && *found_inf != 0.0f) skip = true;  // NaN != 0 also skips
+  if (found_inf != nullptr && *found_inf != 0.0f) skip = true;
 
-  float a, b;
+  double a, b;
   pair_coefficients(aa, ab, bb, s, &a, &b);
-  const float sq = a * a * aa + 2.0f * a * b * ab + b * b * bb;
-  const float dnorm = sqrtf(clamp_min_zero(sq));
-  const float clip = s.has_max_norm ? clamp_max_one(s.max_norm / (dnorm + kClipEps)) : 1.0f;
-  const float cos = safe_div(ab, sqrtf(aa) * sqrtf(bb));
-  out[kCa] = skip ? 1.0f : a * clip * inv;
-  out[kCb] = skip ? 0.0f : b * clip * inv;
+  const double sq = a * a * aa + 2.0 * a * b * ab + b * b * bb;
+  const double dnorm = sqrt(clamp_min_zero(sq));
+  const double clip = s.has_max_norm ? clamp_max_one(s.max_norm / (dnorm + kClipEps)) : 1.0;
+  const double cos = safe_div(ab, sqrt(aa) * sqrt(bb));
+  const double ca = a * clip * inv, cb = b * clip * inv;
+  if (!(fits_float(ca) && fits_float(cb))) skip = true;
+  out[kCa] = skip ? 1.0f : static_cast<float>(ca);
+  out[kCb] = skip ? 0.0f : static_cast<float>(cb);
   out[kSkip] = skip ? 1.0f : 0.0f;
-  out[kLam] = b;
-  out[kClip] = clip;
-  out[kCos] = cos;
-  out[kDnorm] = dnorm;
-  out[kA] = a;
+  out[kLam] = static_cast<float>(b);
+  out[kClip] = static_cast<float>(clip);
+  out[kCos] = static_cast<float>(cos);
+  out[kDnorm] = static_cast<float>(dnorm);
+  out[kA] = static_cast<float>(a);
 }
 
 // ----------------------------------------------------------------------------- update rules

@@ -11,13 +11,15 @@ import os
 
 import pytest
 import torch
+from gramian_range import huge_pair, tiny_forget_pair, truth, wide_range_pair
 from helpers import SIZE_CASES, STORE_RTOL, assert_close_rel, flat64, make_tensors
 from torch import Tensor
 
 from eupmu_kernels import EUPMU
 from eupmu_kernels import coefficients as torch_coefficients
 from eupmu_kernels import reference as ref
-from eupmu_kernels.backends.base import CA, CB, COEF_LEN, METHOD_CODE, RULE_CODE, SKIP, RuleStateLists, StepHyper
+from eupmu_kernels.backends.base import CA, CB, COEF_LEN, COS, DNORM, LAM, METHOD_CODE, RULE_CODE, SKIP, RuleStateLists
+from eupmu_kernels.backends.base import StepHyper
 from eupmu_kernels.backends.base import SurgeryConfig
 from eupmu_kernels.backends.cuda_backend import CudaBackend, extension_error, load_extension
 from eupmu_kernels.backends.torch_backend import TorchBackend
@@ -97,13 +99,14 @@ def test_gramian_matches_reference(device, case, dtype):
     a = make_tensors(SIZE_CASES[case], dtype, seed=1)
     b = make_tensors(SIZE_CASES[case], dtype, seed=2)
     g = EXT.gramian(to(a, device), to(b, device))
-    assert g.dtype == torch.float32 and g.shape == (3,) and g.device.type == device
+    assert g.dtype == torch.float64 and g.shape == (3,) and g.device.type == device
     expected = ref.gramian(flat64(a), flat64(b))
+    # exact float64 products, float64 sums of < 1e5 terms: ~1e-14 relative (float32 sums: ~1e-6)
     scale = torch.stack([expected[0], expected[0].sqrt() * expected[2].sqrt(), expected[2]])
-    assert torch.all((g.cpu().double() - expected).abs() <= 2e-5 * scale), (g, expected)
+    assert torch.all((g.cpu() - expected).abs() <= 1e-12 * scale), (g, expected)
     alone = EXT.gramian(to(a, device))
     assert alone[1].item() == 0.0 and alone[2].item() == 0.0
-    assert alone[0].item() == pytest.approx(expected[0].item(), rel=2e-5)
+    assert alone[0].item() == pytest.approx(expected[0].item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,7 +141,7 @@ def test_gramian_handles_mixed_layouts_and_empty_tensors():
     g = EXT.gramian(a_views, b_views)
     flat_a = torch.cat([t.reshape(-1).double() for t in a_views])
     flat_b = torch.cat([t.reshape(-1).double() for t in b_views])
-    torch.testing.assert_close(g.double(), ref.gramian(flat_a, flat_b), rtol=1e-5, atol=0)
+    torch.testing.assert_close(g, ref.gramian(flat_a, flat_b), rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------------------ coefficients
@@ -172,6 +175,88 @@ def test_coefficients_match_the_torch_formulas(device, method, max_norm, scaled)
             assert ours.shape == (COEF_LEN,) and ours.device.type == device
             torch.testing.assert_close(ours, want, rtol=2e-6, atol=0, equal_nan=True,
                                        msg=lambda m: f"{values} found_inf={found_inf}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coefficients_read_float64_gramians(device):
+    """float64 Gramians beyond the float32 range; float32 ones still work; a coefficient that does not
+    fit in float32 skips the step instead of writing inf into the parameters."""
+    def coef(values, dtype=torch.float64, max_norm=None):
+        gram = torch.tensor(values, dtype=dtype, device=device)
+        return EXT.coefficients(gram, METHOD_CODE["ungrad"], 0.0, 1.0, max_norm, None, None).cpu()
+
+    big = coef([1e50, -5e49, 1e50])
+    assert big.dtype == torch.float32 and big[SKIP].item() == 0.0
+    assert big[LAM].item() == pytest.approx(0.5, rel=1e-7) and big[COS].item() == pytest.approx(-0.5, rel=1e-7)
+    assert big[DNORM].item() == pytest.approx(0.75e50 ** 0.5, rel=1e-7)
+    clipped = coef([1e50, -5e49, 1e50], max_norm=1.0)  # clip = 1 / 8.7e24, computed in float64
+    assert clipped[CB].item() == pytest.approx(0.5 / 0.75e50 ** 0.5, rel=1e-6) and clipped[SKIP].item() == 0.0
+    tiny = coef([1e-80, -1e-50, 1e-20])  # |g_f| = 1e-40, |g_r| = 1e-10: lambda = 1e-30, cos = -1
+    assert tiny[LAM].item() == pytest.approx(1e-30, rel=1e-7) and tiny[COS].item() == pytest.approx(-1.0, rel=1e-7)
+    legacy = coef([4.0, -2.0, 1.0], dtype=torch.float32)
+    assert (legacy[CA].item(), legacy[CB].item(), legacy[SKIP].item()) == (1.0, 2.0, 0.0)
+    overflow = coef([1e80, -1.0, 1e-80])  # |g_f| = 1e40, |g_r| = 1e-40, cos = -1: lambda = 1e80
+    assert (overflow[CA].item(), overflow[CB].item(), overflow[SKIP].item()) == (1.0, 0.0, 1.0)
+
+
+# The Gramian of finite inputs at the edges of the range (tests/gramian_range.py): float64 products
+# and sums give the stored values' Gramian to ~1e-13; lambda and cos are then float32 slots
+# (6e-8). The float32 kernels fail these: cos = 0 (<g_f,g_f> = 1e-60 underflows), lambda off by
+# ~1e-3 (subnormal products), or a skipped step (<g,g> = 1e43 overflows).
+
+
+def check_range_case(device, f, r, what):
+    want = truth(f, r)
+    gram = EXT.gramian(to(f, device), to(r, device)).cpu()
+    assert gram.dtype == torch.float64
+    for k, name in enumerate(("aa", "ab", "bb")):
+        assert gram[k].item() == pytest.approx(want[name], rel=1e-12), (what, name)
+    coef = EXT.coefficients(gram.to(device), METHOD_CODE["ungrad"], 0.0, 1.0, None, None, None).cpu().double()
+    assert coef[SKIP].item() == 0.0, what
+    assert coef[LAM].item() == pytest.approx(want["lam"], rel=1e-6), what
+    assert coef[CB].item() == pytest.approx(want["lam"], rel=1e-6), what
+    assert coef[COS].item() == pytest.approx(want["cos"], rel=1e-6), what
+    return coef
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_r", [1.0, 1e-5])
+def test_tiny_forget_gradient_gives_tiny_lambda(device, dtype, norm_r):
+    coef = check_range_case(device, *tiny_forget_pair(dtype, norm_r), f"{dtype} |g_r|={norm_r}")
+    if dtype == torch.float32:
+        assert coef[LAM].item() == pytest.approx(1e-30, rel=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_finite_gradients_are_not_skipped(device, dtype):
+    f, r = huge_pair(dtype)
+    coef = check_range_case(device, f, r, f"{dtype} elements ~1e20")
+    out = to(f, device)
+    EXT.combine_(out, to(r, device), coef.float().to(device))
+    expected = ref.surgery(flat64(f), flat64(r), "ungrad")
+    assert torch.isfinite(flat64(out)).all()
+    assert_close_rel(flat64(out), expected, OUT_RTOL[dtype], f"combine {dtype} ~1e20")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gramian_over_the_whole_dtype_range(device, dtype):
+    check_range_case(device, *wide_range_pair(dtype), f"{dtype} wide range")
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_range_cases_on_every_cpu_kernel_variant(isa):
+    if isa not in EXT.cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    EXT.set_cpu_isa(isa)
+    try:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            check_range_case("cpu", *wide_range_pair(dtype), f"{isa} {dtype} wide range")
+        check_range_case("cpu", *tiny_forget_pair(torch.float32, 1e-5), f"{isa} tiny")
+    finally:
+        EXT.set_cpu_isa("auto")
 
 
 # ------------------------------------------------------------------------------ combine
@@ -388,7 +473,8 @@ def test_cpu_kernel_variants_agree():
             EXT.set_cpu_isa("auto")
     base = results["default"]
     for isa, (gram, p, v) in results.items():
-        torch.testing.assert_close(gram, base[0], rtol=1e-5, atol=0, msg=isa)
+        # exact products: only the float64 summation order differs between variants
+        torch.testing.assert_close(gram, base[0], rtol=1e-12, atol=0, msg=isa)
         assert_close_rel(p, base[1], 8e-3, isa)
         assert_close_rel(v, base[2], 1e-5, isa)
 
@@ -503,8 +589,8 @@ def test_cuda_tensor_over_two_to_the_31_elements():
         pytest.skip("not enough free GPU memory")
     a = torch.ones(n, dtype=torch.bfloat16, device="cuda")
     b = torch.full((n,), 2.0, dtype=torch.bfloat16, device="cuda")
-    # every chunk's sum is an exact float integer and the slots add up in double: one final rounding
-    assert torch.equal(EXT.gramian([a], [b]).cpu(), torch.tensor([float(n), 2.0 * n, 4.0 * n]))
+    # every partial is an exact integer in float64, so the float64 total is exact
+    assert torch.equal(EXT.gramian([a], [b]).cpu(), torch.tensor([float(n), 2.0 * n, 4.0 * n], dtype=torch.float64))
     EXT.combine_([a], [b], coef_vector(0.5, 0.25, device="cuda"))  # 0.5 * 1 + 0.25 * 2 = 1
     EXT.combine_([a], None, coef_vector(2.0, 0.0, device="cuda"))
     for i in (0, (1 << 31) - 1, 1 << 31, n - 1):

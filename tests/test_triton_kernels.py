@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gramian_range import huge_pair, tiny_forget_pair, truth, wide_range_pair
 from helpers import SIZE_CASES, STORAGE_DTYPES, assert_close_rel, flat64, make_tensors
 from torch import Tensor
 
@@ -37,6 +38,7 @@ pytestmark = [
                        reason="triton is not installed, or CPU tensors without TRITON_INTERPRET=1"),
     # the interpreter computes with numpy, which warns about the inf/nan the guards are tested with
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,7 +92,7 @@ def test_gramian_matches_reference(case, dtype):
     a = on_device(make_tensors(shapes, dtype, seed=1))
     b = on_device(make_tensors(shapes, dtype, seed=2))
     g = BACKEND.gramian(a, b)
-    assert g.dtype == torch.float32 and g.shape == (3,) and g.device.type == DEVICE.type
+    assert g.dtype == torch.float64 and g.shape == (3,) and g.device.type == DEVICE.type
     expected = ref.gramian(host64(a), host64(b))
     scale = torch.stack([expected[0], expected[0].sqrt() * expected[2].sqrt(), expected[2]])
     assert torch.all((g.cpu().double() - expected).abs() <= 1e-5 * scale), (g, expected)
@@ -145,6 +147,79 @@ def test_table_is_cached_while_tensors_stay():
     assert TABLES.builds == builds
     BACKEND.gramian([t.clone() for t in a], None)
     assert TABLES.builds == builds + 1
+
+
+# ---------------------------------------------------------------------- numerical range
+# The Gramian is accumulated from float64 products, so it is right for any finite inputs: element
+# products far below the smallest normal float32 and sums far beyond the largest float32 alike.
+# Tolerances: float64 accumulation of ~4e3 exact products (~1e-13 relative), then one float32
+# rounding of the coefficient slot (6e-8); 1e-6 leaves room and still fails the float32 kernels
+# (they return lambda = 0 or a skipped step here, or lose ~10% to subnormal products).
+
+
+def range_coefficients(f, r, max_norm=None):
+    f, r = on_device(f), on_device(r)
+    gram = BACKEND.gramian(f, r)
+    coef = BACKEND.coefficients(gram, SurgeryConfig("ungrad", max_norm=max_norm), None, None)
+    return f, r, gram.cpu(), coef.cpu().double()
+
+
+def assert_range_case(f, r, what):
+    want = truth(f, r)
+    _, _, gram, coef = range_coefficients(f, r)
+    assert gram.dtype == torch.float64
+    for k, name in enumerate(("aa", "ab", "bb")):
+        assert gram[k].item() == pytest.approx(want[name], rel=1e-12), (what, name)
+    assert coef[SKIP].item() == 0.0, what
+    assert coef[LAM].item() == pytest.approx(want["lam"], rel=1e-6), what
+    assert coef[CB].item() == pytest.approx(want["lam"], rel=1e-6), what
+    assert coef[COS].item() == pytest.approx(want["cos"], rel=1e-6), what
+    return coef
+
+
+@pytest.mark.parametrize("norm_r", [1.0, 1e-5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_forget_gradient_gives_tiny_lambda(dtype, norm_r):
+    f, r = tiny_forget_pair(dtype, norm_r)
+    coef = assert_range_case(f, r, f"{dtype} |g_r|={norm_r}")
+    if dtype == torch.float32:  # rounding g_f to float32 moves lambda by ~1e-8 relative
+        assert coef[LAM].item() == pytest.approx(1e-30, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_finite_gradients_are_not_skipped(dtype):
+    f, r = huge_pair(dtype)
+    assert all(torch.isfinite(t).all() for t in f + r)
+    assert_range_case(f, r, f"{dtype} elements ~1e20")
+    # the combined direction is the reference's, and finite
+    f_dev, r_dev, _, coef = range_coefficients(f, r)
+    expected = ref.surgery(host64(f), host64(r), "ungrad")
+    BACKEND.combine_(f_dev, r_dev, coef.float().to(DEVICE))
+    assert torch.isfinite(host64(f_dev)).all()
+    assert_stored_close(host64(f_dev), expected, dtype, f"combine {dtype} ~1e20")
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_gramian_over_the_whole_dtype_range(dtype):
+    f, r = wide_range_pair(dtype)
+    assert_range_case(f, r, f"{dtype} wide range")
+
+
+def test_coefficients_read_float64_gramians_beyond_float32():
+    cfg = SurgeryConfig("ungrad")
+    got = BACKEND.coefficients(torch.tensor([1e50, -5e49, 1e50], dtype=torch.float64, device=DEVICE), cfg,
+                               None, None).cpu()
+    assert got[SKIP].item() == 0.0 and got[LAM].item() == pytest.approx(0.5, rel=1e-7)
+    assert got[COS].item() == pytest.approx(-0.5, rel=1e-7) and got[DNORM].item() == pytest.approx(
+        (1e50 - 0.25e50) ** 0.5, rel=1e-7)
+    # and float32 Gramians as before
+    legacy = BACKEND.coefficients(torch.tensor([4.0, -2.0, 1.0], device=DEVICE), cfg, None, None).cpu()
+    assert (legacy[CA].item(), legacy[CB].item(), legacy[SKIP].item()) == (1.0, 2.0, 0.0)
+    # a coefficient beyond float32 cannot be applied by the float32 update: skip, never write inf
+    # (|g_f| = 1e40, |g_r| = 1e-40, cos = -1: lambda = 1e80)
+    huge_lam = BACKEND.coefficients(torch.tensor([1e80, -1.0, 1e-80], dtype=torch.float64, device=DEVICE), cfg,
+                                    None, None).cpu()
+    assert (huge_lam[CA].item(), huge_lam[CB].item(), huge_lam[SKIP].item()) == (1.0, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------- coefficients

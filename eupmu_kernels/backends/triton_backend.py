@@ -9,6 +9,9 @@ The kernels treat every tensor as its ``numel`` consecutive elements, so tensors
 and the tensors of one parameter (param, gradients, state) must share shape and strides; this is
 checked on every call and reported with the offending list and index.
 
+The Gramian is float64[3] (products and sums in float64, so any finite gradient has a finite,
+accurate Gramian); the coefficient stage reads float64 (or float32) and computes in float64.
+
 Runs on CUDA tensors, or on CPU tensors in the Triton interpreter (``TRITON_INTERPRET=1`` set
 before ``eupmu_kernels`` is imported; slow, for tests).
 """
@@ -236,4 +239,4 @@ def _check_steps(steps: list[Tensor], count: int, device: torch.device) -> None:
 def _coef_on(coef: Tensor, device: torch.device) -> Tensor:
     if coef.numel() != COEF_LEN:
         raise ValueError(f"coef must have {COEF_LEN} elements, got shape {tuple(coef.shape)}")
-    return coef.to(device=device, dtype=torch.float32).contiguous()
+    return _loaded_kernels().common.aligned(coef.to(device=device, dtype=torch.float32).contiguous())

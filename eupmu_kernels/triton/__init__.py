@@ -2,9 +2,9 @@
 
 One module per kernel family: ``tables`` (device address tables, one launch per group),
 ``gramian`` (deterministic two-stage reduction), ``coefficients`` (the coefficient vector from
-the Gramian), ``update`` (fused combine + SGD/Adam/AdamW, combine only) and ``memory`` (shared
-pointer and block helpers). All arithmetic is float32 (float64 for the bias corrections) on
-float32/float16/bfloat16 storage.
+the Gramian), ``update`` (fused combine + SGD/Adam/AdamW, combine only) and ``common`` (shared
+pointer and block helpers). The update arithmetic is float32 (float64 for the bias corrections);
+the Gramian and the coefficient stage are float64; storage is float32/float16/bfloat16.
 
 Importing this package defines the ``@triton.jit`` kernels, so ``TRITON_INTERPRET`` must have its
 final value by then: with ``TRITON_INTERPRET=1`` the kernels run in the interpreter on CPU
@@ -17,6 +17,6 @@ import os
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-from . import coefficients, gramian, tables, update  # noqa: E402
+from . import coefficients, common, gramian, tables, update  # noqa: E402
 
-__all__ = ["INTERPRETED", "coefficients", "gramian", "tables", "update"]
+__all__ = ["INTERPRETED", "coefficients", "common", "gramian", "tables", "update"]

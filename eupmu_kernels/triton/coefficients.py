@@ -1,8 +1,15 @@
 """The coefficient vector (backends.base layout) from the Gramian, in one single-program kernel.
 
-Mirrors ``eupmu_kernels.coefficients`` operation by operation (same zero-norm guards, the same
-nan propagation through the clamps, unscale by ``inv_scale``, skip on a non-finite Gramian or
-``found_inf``), so both paths agree to float32 rounding.
+The Gramian is float64 (docs/design.md, Kernel contract); a float32 one is widened first, which
+is exact. All of the stage runs in float64: the scale factors, lambda, the clip factor and the
+cosine, with the same zero-norm guards and the same nan propagation through the clamps as
+``eupmu_kernels.coefficients``; only the eight final values are rounded to float32. The step is
+skipped on a non-finite Gramian, on ``found_inf``, and when a coefficient the update kernels
+multiply by (``ca``, ``cb``) does not fit in float32 (so a step can never write inf into the
+parameters).
+
+Host scalars (eps, alpha, max_norm) are float64 kernel arguments, so they reach the kernel
+unrounded.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from torch import Tensor
 
 from ..backends.base import COEF_LEN, METHOD_CODE, SurgeryConfig
 from ..reference import CLIP_EPS
-from .common import FLT_MAX
+from .common import DBL_MAX, FLT_MAX, aligned
 
 UNGRAD: tl.constexpr = tl.constexpr(METHOD_CODE["ungrad"])
 PCGRAD: tl.constexpr = tl.constexpr(METHOD_CODE["pcgrad"])
@@ -43,71 +50,75 @@ def _clamp_max1(x):
 @triton.jit
 def _pair(aa, ab, bb, eps, alpha, METHOD: tl.constexpr):
     """(a, b) of the rule: d = a*g_f + b*g_r before clipping (METHOD picks one branch at compile time)."""
+    one = tl.full(aa.shape, 1.0, tl.float64)
     if METHOD == UNGRAD:
-        a = 1.0
+        a = one
         b = _clamp_min0(_safe_div(-ab - eps, bb))
     elif METHOD == PCGRAD:
         conflict = ab < 0.0
-        a = tl.where(conflict, 1.0 - _safe_div(ab, aa), 1.0)
-        b = tl.where(conflict, 1.0 - _safe_div(ab, bb), 1.0)
+        a = tl.where(conflict, 1.0 - _safe_div(ab, aa), one)
+        b = tl.where(conflict, 1.0 - _safe_div(ab, bb), one)
     elif METHOD == GRADDIFF:
-        a = 1.0
-        b = alpha
+        a = one
+        b = one * alpha
     else:
-        a = 1.0
-        b = 0.0
+        a = one
+        b = one * 0.0
     return a, b
 
 
 @triton.jit
-def _coefficients_kernel(gram, inv_scale, found_inf, out, eps, alpha, max_norm,
-                         METHOD: tl.constexpr, HAS_INV: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                         HAS_CLIP: tl.constexpr, CLIP_EPS: tl.constexpr):
+def _coefficients_kernel(gram, inv_scale, found_inf, out, eps: tl.float64, alpha: tl.float64,
+                         max_norm: tl.float64, METHOD: tl.constexpr, HAS_INV: tl.constexpr,
+                         HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr, CLIP_EPS: tl.constexpr):
     aa = tl.load(gram)
     ab = tl.load(gram + 1)
     bb = tl.load(gram + 2)
     if HAS_INV:
-        inv = tl.load(inv_scale)
+        inv = tl.load(inv_scale).to(tl.float64)
         inv2 = inv * inv
         aa = aa * inv2
         ab = ab * inv2
         bb = bb * inv2
-    skip = ~((tl.abs(aa) <= FLT_MAX) & (tl.abs(ab) <= FLT_MAX) & (tl.abs(bb) <= FLT_MAX))
+    else:
+        inv = tl.full(aa.shape, 1.0, tl.float64)
+    skip = ~((tl.abs(aa) <= DBL_MAX) & (tl.abs(ab) <= DBL_MAX) & (tl.abs(bb) <= DBL_MAX))
     if HAS_FOUND_INF:
         skip = skip | (tl.load(found_inf) != 0.0)
 
     a, b = _pair(aa, ab, bb, eps, alpha, METHOD)
-    dnorm = tl.sqrt_rn(_clamp_min0(a * a * aa + 2.0 * a * b * ab + b * b * bb))
+    dnorm = tl.sqrt(_clamp_min0(a * a * aa + 2.0 * a * b * ab + b * b * bb))
     if HAS_CLIP:
-        clip = _clamp_max1(max_norm / (dnorm + CLIP_EPS))
+        # tl.full makes the constant in float64 (a bare 1e-6 would be rounded to float32 first)
+        clip = _clamp_max1(max_norm / (dnorm + tl.full(aa.shape, CLIP_EPS, tl.float64)))
     else:
-        clip = 1.0
-    cos = _safe_div(ab, tl.sqrt_rn(aa) * tl.sqrt_rn(bb))
-    ca = a * clip
-    cb = b * clip
-    if HAS_INV:
-        ca = ca * inv
-        cb = cb * inv
-    tl.store(out, tl.where(skip, 1.0, ca))
-    tl.store(out + 1, tl.where(skip, 0.0, cb))
-    tl.store(out + 2, tl.where(skip, 1.0, 0.0))
-    tl.store(out + 3, b)
-    tl.store(out + 4, clip)
-    tl.store(out + 5, cos)
-    tl.store(out + 6, dnorm)
-    tl.store(out + 7, a)
+        clip = tl.full(aa.shape, 1.0, tl.float64)
+    cos = _safe_div(ab, tl.sqrt(aa) * tl.sqrt(bb))
+    ca = a * clip * inv
+    cb = b * clip * inv
+    # the update kernels multiply in float32: a coefficient beyond its range cannot be applied
+    skip = skip | ~((tl.abs(ca) <= FLT_MAX) & (tl.abs(cb) <= FLT_MAX))
+    tl.store(out, tl.where(skip, 1.0, ca).to(tl.float32))
+    tl.store(out + 1, tl.where(skip, 0.0, cb).to(tl.float32))
+    tl.store(out + 2, tl.where(skip, 1.0, 0.0).to(tl.float32))
+    tl.store(out + 3, b.to(tl.float32))
+    tl.store(out + 4, clip.to(tl.float32))
+    tl.store(out + 5, cos.to(tl.float32))
+    tl.store(out + 6, dnorm.to(tl.float32))
+    tl.store(out + 7, a.to(tl.float32))
 
 
 def _scalar_f32(x: Tensor, device: torch.device) -> Tensor:
-    return x.to(device=device, dtype=torch.float32).reshape(1)
+    return aligned(x.to(device=device, dtype=torch.float32).reshape(1))
 
 
 def coefficients(gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None, found_inf: Tensor | None) -> Tensor:
-    """float32[COEF_LEN] on ``gram``'s device; see ``eupmu_kernels.backends.base``."""
+    """float32[COEF_LEN] on ``gram``'s device from a float64 (or float32) Gramian; see
+    ``eupmu_kernels.backends.base``."""
     if cfg.method not in METHOD_CODE:
         raise ValueError(f"unknown surgery method {cfg.method!r}")
     device = gram.device
-    gram = gram.to(torch.float32).contiguous()
+    gram = aligned(gram.to(torch.float64).contiguous())
     out = torch.empty(COEF_LEN, dtype=torch.float32, device=device)
     inv = gram if inv_scale is None else _scalar_f32(inv_scale, device)
     inf = gram if found_inf is None else _scalar_f32(found_inf, device)

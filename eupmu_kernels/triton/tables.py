@@ -39,9 +39,9 @@ TableKey = tuple
 class TensorTable:
     addresses: Tensor  # int64 [n_roles, n_tensors]
     numels: Tensor  # int64 [n_tensors]
-    block_owner: Tensor  # int64 [max(n_blocks, 1)]
-    block_index: Tensor  # int64 [max(n_blocks, 1)]
-    block_fast: Tensor  # int64 [max(n_blocks, 1)]: 1 for a full, aligned block
+    block_owner: Tensor  # int64 [max(n_blocks, 1), rounded up to even]
+    block_index: Tensor  # int64 [same]
+    block_fast: Tensor  # int64 [same]: 1 for a full, aligned block
     scalar_addresses: Tensor | None  # int64 [n_tensors]
     n_tensors: int
     n_blocks: int
@@ -62,26 +62,36 @@ def _blocks(numels: list[int], aligned: list[bool], block: int) -> tuple[Tensor,
     return owner, index, fast.to(torch.int64)
 
 
+def _even(n: int) -> int:
+    return n + (n % 2)
+
+
 def _build(device: torch.device, addresses: list[list[int]], numels: list[int],
            scalar_addresses: list[int] | None, block: int) -> TensorTable:
     n = len(numels)
     aligned = [all(role[i] % ALIGN_BYTES == 0 for role in addresses) for i in range(n)]
     owner, index, fast = _blocks(numels, aligned, block)
     n_blocks = owner.numel()
-    pad = torch.zeros(1 if n_blocks == 0 else 0, dtype=torch.int64)
-    parts = [torch.tensor(addresses, dtype=torch.int64).reshape(-1), torch.tensor(numels, dtype=torch.int64),
-             torch.cat([owner, pad]), torch.cat([index, pad]), torch.cat([fast, pad])]
+    # Every section (and every role row) starts on a 16-byte boundary: sections hold an even
+    # number of int64 values. The kernels then always get 16-byte aligned table pointers, so
+    # Triton compiles a single variant per kernel whatever the tensor and block counts.
+    n_pad, b_pad = _even(n), _even(max(n_blocks, 1))
+
+    def padded(values: Tensor, length: int) -> Tensor:
+        return torch.cat([values, torch.zeros(length - values.numel(), dtype=torch.int64)])
+
+    rows = torch.tensor(addresses, dtype=torch.int64).reshape(len(addresses), n)
+    parts = [padded(row, n_pad) for row in rows] + [padded(torch.tensor(numels, dtype=torch.int64), n_pad),
+                                                    padded(owner, b_pad), padded(index, b_pad), padded(fast, b_pad)]
     if scalar_addresses is not None:
-        parts.append(torch.tensor(scalar_addresses, dtype=torch.int64))
+        parts.append(padded(torch.tensor(scalar_addresses, dtype=torch.int64), n_pad))
     flat = torch.cat(parts).to(device)
-    sizes = [len(addresses) * n, n, max(n_blocks, 1), max(n_blocks, 1), max(n_blocks, 1)]
-    if scalar_addresses is not None:
-        sizes.append(n)
+    sizes = [len(addresses) * n_pad, n_pad, b_pad, b_pad, b_pad] + ([n_pad] if scalar_addresses is not None else [])
     views = torch.split(flat, sizes)
+    scalar_view = views[5][:n] if scalar_addresses is not None else None
     return TensorTable(
-        addresses=views[0].view(len(addresses), n), numels=views[1], block_owner=views[2], block_index=views[3],
-        block_fast=views[4], scalar_addresses=views[5] if scalar_addresses is not None else None,
-        n_tensors=n, n_blocks=n_blocks)
+        addresses=views[0].view(len(addresses), n_pad)[:, :n], numels=views[1][:n], block_owner=views[2],
+        block_index=views[3], block_fast=views[4], scalar_addresses=scalar_view, n_tensors=n, n_blocks=n_blocks)
 
 
 class TableCache:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ALIGN, SKIP_SLOT, tl_dtype
+from .common import ALIGN, SKIP_SLOT, masked_offsets, tl_dtype
 from .tables import BLOCK, TensorTable
 
 STEP_LANES = 1024
@@ -47,7 +47,7 @@ def _int_power(base, exponent, BITS: tl.constexpr):
     return result
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors"])
 def _advance_steps_kernel(step_addresses, n_tensors, coef, scalars, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
                           BIAS_CORRECTION: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr):
     idx = tl.program_id(0) * LANES + tl.arange(0, LANES)
@@ -94,7 +94,7 @@ def _sgd_block(addr_p, addr_f, addr_r, addr_buf, owner, offs, mask, other, ca, c
     tl.store(p_ptr + offs, (p - lr * d).to(P_DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nesterov"])
 def _sgd_kernel(addr_p, addr_f, addr_r, addr_buf, numels, block_owner, block_index, block_fast, coef, scalars,
                 lr, weight_decay, momentum, one_minus_dampening, nesterov,
                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_R: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
@@ -105,13 +105,15 @@ def _sgd_kernel(addr_p, addr_f, addr_r, addr_buf, numels, block_owner, block_ind
         cb = tl.load(coef + 1)
         owner = tl.load(block_owner + pid)
         first = tl.load(scalars + owner)
-        offs = tl.load(block_index + pid) * BLOCK + tl.arange(0, BLOCK)
+        start = tl.load(block_index + pid) * BLOCK
         if tl.load(block_fast + pid) != 0:
-            _sgd_block(addr_p, addr_f, addr_r, addr_buf, owner, offs, None, None, ca, cb, first, lr, weight_decay,
+            lanes = start + tl.arange(0, BLOCK)
+            _sgd_block(addr_p, addr_f, addr_r, addr_buf, owner, lanes, None, None, ca, cb, first, lr, weight_decay,
                        momentum, one_minus_dampening, nesterov, P_DTYPE, S_DTYPE, HAS_R, HAS_MOMENTUM, True)
         else:
-            mask = offs < tl.load(numels + owner)
-            _sgd_block(addr_p, addr_f, addr_r, addr_buf, owner, offs, mask, 0.0, ca, cb, first, lr, weight_decay,
+            tile = masked_offsets(start, BLOCK)
+            mask = tile < tl.load(numels + owner)
+            _sgd_block(addr_p, addr_f, addr_r, addr_buf, owner, tile, mask, 0.0, ca, cb, first, lr, weight_decay,
                        momentum, one_minus_dampening, nesterov, P_DTYPE, S_DTYPE, HAS_R, HAS_MOMENTUM, False)
 
 
@@ -150,7 +152,7 @@ def _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, mask, other
     tl.store(p_ptr + offs, (p - step_size * (m / denom)).to(P_DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors"])
 def _adam_kernel(addr_p, addr_f, addr_r, addr_m, addr_v, numels, block_owner, block_index, block_fast, coef,
                  scalars, n_tensors, lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_R: tl.constexpr, DECOUPLED: tl.constexpr,
@@ -162,14 +164,16 @@ def _adam_kernel(addr_p, addr_f, addr_r, addr_m, addr_v, numels, block_owner, bl
         owner = tl.load(block_owner + pid)
         step_size = lr / tl.load(scalars + owner)
         bc2_sqrt = tl.load(scalars + n_tensors + owner)
-        offs = tl.load(block_index + pid) * BLOCK + tl.arange(0, BLOCK)
+        start = tl.load(block_index + pid) * BLOCK
         if tl.load(block_fast + pid) != 0:
-            _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, None, None, ca, cb, step_size,
+            lanes = start + tl.arange(0, BLOCK)
+            _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, lanes, None, None, ca, cb, step_size,
                         bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                         P_DTYPE, S_DTYPE, HAS_R, DECOUPLED, True)
         else:
-            mask = offs < tl.load(numels + owner)
-            _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, mask, 0.0, ca, cb, step_size,
+            tile = masked_offsets(start, BLOCK)
+            mask = tile < tl.load(numels + owner)
+            _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, tile, mask, 0.0, ca, cb, step_size,
                         bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                         P_DTYPE, S_DTYPE, HAS_R, DECOUPLED, False)
 
@@ -196,12 +200,14 @@ def _combine_kernel(addr_f, addr_r, numels, block_owner, block_index, block_fast
         ca = tl.load(coef)
         cb = tl.load(coef + 1)
         owner = tl.load(block_owner + pid)
-        offs = tl.load(block_index + pid) * BLOCK + tl.arange(0, BLOCK)
+        start = tl.load(block_index + pid) * BLOCK
         if tl.load(block_fast + pid) != 0:
-            _combine_block(addr_f, addr_r, owner, offs, None, None, ca, cb, G_DTYPE, HAS_R, True)
+            lanes = start + tl.arange(0, BLOCK)
+            _combine_block(addr_f, addr_r, owner, lanes, None, None, ca, cb, G_DTYPE, HAS_R, True)
         else:
-            mask = offs < tl.load(numels + owner)
-            _combine_block(addr_f, addr_r, owner, offs, mask, 0.0, ca, cb, G_DTYPE, HAS_R, False)
+            tile = masked_offsets(start, BLOCK)
+            mask = tile < tl.load(numels + owner)
+            _combine_block(addr_f, addr_r, owner, tile, mask, 0.0, ca, cb, G_DTYPE, HAS_R, False)
 
 
 def split_beta(beta: float) -> tuple[float, float]:
