@@ -16,8 +16,8 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["eupmu_kernels", "eupmu_kernels.backends", "eupmu_kernels.triton", "eupmu_kernels.integrations",
-            "eupmu_kernels.evaluation", "eupmu_kernels.llm", "eupmu_bench"]
-PACKAGE_DIR = {"eupmu_bench": "benchmarks"}
+            "eupmu_unlearn", "eupmu_unlearn.evaluation", "eupmu_unlearn.llm", "eupmu_bench"]
+PACKAGE_DIR = {"eupmu_bench": "benchmarks/eupmu_bench"}
 
 
 def _existing_packages() -> list[str]:
@@ -85,6 +85,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=_existing_packages(),
     package_dir=PACKAGE_DIR,
+    package_data={"eupmu_unlearn": ["data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -14,9 +14,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import bench_kernels
 import pytest
 import torch
-from eupmu_bench import bench_kernels, cli, profile_step
+from eupmu_bench import cli, profile_step
 from eupmu_bench.baselines import Settings
 from eupmu_bench.methods import METHODS
 from eupmu_bench.runner import BACKEND_NAMES, usable_backends

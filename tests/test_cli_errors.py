@@ -15,15 +15,15 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from eupmu_kernels import cli as unlearn_cli
-from eupmu_kernels import cli_args
-from eupmu_kernels.evaluation import runner
-from eupmu_kernels.evaluation import sweep as sweep_module
-from eupmu_kernels.evaluation.data import NUM_CLASSES, load_dataset
-from eupmu_kernels.llm import cli as llm_cli
-from eupmu_kernels.llm import model as llm_model
-from eupmu_kernels.llm import pipeline as llm_pipeline
-from eupmu_kernels.llm import report as llm_report
+from eupmu_unlearn import cli as unlearn_cli
+from eupmu_unlearn import cli_args
+from eupmu_unlearn.evaluation import runner
+from eupmu_unlearn.evaluation import sweep as sweep_module
+from eupmu_unlearn.evaluation.data import NUM_CLASSES, load_dataset
+from eupmu_unlearn.llm import cli as llm_cli
+from eupmu_unlearn.llm import model as llm_model
+from eupmu_unlearn.llm import pipeline as llm_pipeline
+from eupmu_unlearn.llm import report as llm_report
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 TINY_RUN = ["--train-epochs", "3", "--epochs", "1", "--threads", "1", "--no-cache", "--no-memory", "--quiet"]

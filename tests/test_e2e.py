@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from eupmu_kernels import cli
+from eupmu_unlearn import cli
 
 TINY = ["--train-epochs", "3", "--epochs", "1", "--quiet", "--threads", "1"]
 
 
 def test_one_method_through_the_console_entry_point(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eupmu_kernels", "--methods", "eupmu", "--out", str(out),
+    cmd = [sys.executable, "-m", "eupmu_unlearn", "--methods", "eupmu", "--out", str(out),
            "--cache-dir", str(tmp_path / "cache"), *TINY]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

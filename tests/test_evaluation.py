@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from eupmu_kernels.evaluation import memory, methods, metrics, selection, tables
-from eupmu_kernels.evaluation.data import Scenario, Split, load_dataset, make_scenario
-from eupmu_kernels.evaluation.models import MLP, SmallCNN, TrainRecipe, cache_key, load_or_train, train_classifier
+from eupmu_unlearn.evaluation import memory, methods, metrics, selection, tables
+from eupmu_unlearn.evaluation.data import Scenario, Split, load_dataset, make_scenario
+from eupmu_unlearn.evaluation.models import MLP, SmallCNN, TrainRecipe, cache_key, load_or_train, train_classifier
 
 NUM_CLASSES = 4
 

@@ -14,14 +14,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from eupmu_kernels.evaluation import tofu  # noqa: E402
-from eupmu_kernels.llm import cli, model as llm_model  # noqa: E402
-from eupmu_kernels.llm.codec import WordCodec  # noqa: E402
-from eupmu_kernels.llm.data import FACT_KINDS, make_mini_tofu, world_facts  # noqa: E402
-from eupmu_kernels.llm.pipeline import BaseModel, PipelineConfig, run_pipeline  # noqa: E402
-from eupmu_kernels.llm.profiling import measure  # noqa: E402
-from eupmu_kernels.llm.scoring import answer_logprobs, greedy_answers, score_split  # noqa: E402
-from eupmu_kernels.llm.training import (IGNORE, METHODS, FinetuneConfig, UnlearnConfig,  # noqa: E402
+from eupmu_unlearn.llm import tofu  # noqa: E402
+from eupmu_unlearn.llm import cli, model as llm_model  # noqa: E402
+from eupmu_unlearn.llm.codec import WordCodec  # noqa: E402
+from eupmu_unlearn.llm.data import FACT_KINDS, make_mini_tofu, world_facts  # noqa: E402
+from eupmu_unlearn.llm.pipeline import BaseModel, PipelineConfig, run_pipeline  # noqa: E402
+from eupmu_unlearn.llm.profiling import measure  # noqa: E402
+from eupmu_unlearn.llm.scoring import answer_logprobs, greedy_answers, score_split  # noqa: E402
+from eupmu_unlearn.llm.training import (IGNORE, METHODS, FinetuneConfig, UnlearnConfig,  # noqa: E402
                                         encode_example, finetune, nll_loss, npo_loss, qa_batch,
                                         sequence_logprob, unlearn)
 
@@ -169,7 +169,7 @@ def test_eupmu_forget_loss_choice(trained, codec, data):
 @pytest.mark.parametrize("method", ["eupmu_implicit_hf", "eupmu_explicit_hf"])
 def test_eupmu_through_the_hugging_face_trainer(method, trained, codec, data):
     pytest.importorskip("accelerate")
-    from eupmu_kernels.llm.trainer import unlearn_with_trainer
+    from eupmu_unlearn.llm.trainer import unlearn_with_trainer
 
     model = fresh_copy(trained)
     forget_batch = qa_batch(codec, data.forget, torch.device("cpu"))

@@ -38,7 +38,7 @@ def unlearn_with_trainer(method: str, model: torch.nn.Module, codec: Codec, forg
         raise ValueError(f"method must be one of {tuple(TRAINER_METHODS)}, got {method!r}")
     from transformers import PrinterCallback, TrainingArguments
 
-    from ..integrations.hf import EUPMUConfig, EUPMUTrainer, ForgetRetainCollator, ForgetRetainDataset
+    from ..hf import EUPMUConfig, EUPMUTrainer, ForgetRetainCollator, ForgetRetainDataset
 
     dataset = ForgetRetainDataset(_examples(codec, forget), _examples(codec, retain), seed=cfg.seed)
     eupmu = EUPMUConfig(mode=TRAINER_METHODS[method], forget_loss=cfg.eupmu_forget_loss, npo_beta=cfg.npo_beta,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..losses import npo_from_log_ratio
-from ..optimizer import EUPMU
+from eupmu_kernels import EUPMU
 from .codec import Codec
 from .data import QAItem
 

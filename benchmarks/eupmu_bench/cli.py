@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from eupmu_kernels import cli_args
+from eupmu_unlearn import cli_args
 
 from .baselines import Settings
 from .machine import load_average

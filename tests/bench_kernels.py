@@ -1,8 +1,8 @@
 """Kernel micro-benchmarks with pytest-benchmark: each kernel of the contract, per backend.
 
-Not part of the default test run (``pytest`` collects ``tests/`` only). Run with
+Not part of the default test run (its name does not start with ``test_``). Run with
 
-    python -m pytest benchmarks/bench_kernels.py
+    python -m pytest tests/bench_kernels.py
 
 Environment: ``EUPMU_BENCH_NUMEL`` (default 4e6 parameters), ``EUPMU_BENCH_MODEL`` (gpt2 or
 llama tensor layout), ``EUPMU_BENCH_DTYPES`` (default "float32,bfloat16"). The device is CUDA

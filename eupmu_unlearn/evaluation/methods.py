@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..optimizer import EUPMU
+from eupmu_kernels import EUPMU
 from .data import Scenario
 from .metrics import accuracy
 

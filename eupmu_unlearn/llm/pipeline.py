@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..evaluation import tofu
+from . import tofu
 from .codec import ChatCodec, Codec
 from .data import REHEARSAL_QUESTIONS, MiniTofu, QAItem, make_mini_tofu, rehearsal_item
 from .model import (BASE_NAME, default_cache_dir, fingerprint, force_offline, is_cached, load_model, load_smollm2,

@@ -17,7 +17,7 @@ from typing import Any
 from .methods import Hyper, MethodSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SELECTION_PATH = REPO_ROOT / "results" / "hparams.json"
+DEFAULT_SELECTION_PATH = Path(__file__).resolve().parents[1] / "data" / "hparams.json"
 
 
 def selection_key(dataset: str, scenario: str, architecture: str) -> str:

@@ -9,7 +9,7 @@ looked at. The winner per method is written into ``results/hparams.json`` under
 ``"<dataset>/<scenario>/<architecture>"``.
 
 Run it as ``eupmu-unlearn sweep --dataset digits --scenario class`` or
-``python -m eupmu_kernels.evaluation.sweep ...``.
+``python -m eupmu_unlearn.evaluation.sweep ...``.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     )
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m eupmu_kernels.evaluation.sweep") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m eupmu_unlearn.evaluation.sweep") -> int:
     parser = cli_args.Parser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)

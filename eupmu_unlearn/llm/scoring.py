@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..evaluation.tofu import SplitScores
+from .tofu import SplitScores
 from .codec import Codec
 from .data import QAItem
 from .training import collate, encode_example, sequence_logprob
