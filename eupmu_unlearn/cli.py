@@ -23,14 +23,15 @@ PROG = "eupmu-unlearn"
 
 
 def method_names() -> tuple[str, ...]:
-    from .evaluation.methods import ALIASES, METHODS
+    from .evaluation.unlearning import SUPPORTED
+    from .methods import names
 
-    return (*ALIASES, *METHODS)
+    return names(SUPPORTED)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .evaluation.data import DATASETS, SCENARIOS
-    from .evaluation.methods import Schedule
+    from .evaluation.unlearning import Schedule
     from .evaluation.models import ARCHITECTURES, default_cache_dir
     from .evaluation.runner import DEFAULT_METHODS
 
@@ -83,11 +84,11 @@ def check_forget_class(parser: argparse.ArgumentParser, dataset: str, forget_cla
 
 def check_tolerance(parser: argparse.ArgumentParser, tolerance: float | None, methods: Sequence[str]) -> None:
     """Explicit surgery needs epsilon >= 0 (an implicit method's epsilon may be negative)."""
-    from .evaluation.methods import resolve
+    from .methods import resolve
 
     if tolerance is None or tolerance >= 0:
         return
-    explicit = [name for name in methods if resolve(name).knob == "tolerance"]
+    explicit = [name for name in methods if resolve(name).needs_non_negative_tolerance]
     if explicit:
         cli_args.fail(parser, "--tolerance", f"must be >= 0 for {', '.join(explicit)} (explicit surgery), "
                                              f"got {tolerance:g}")
@@ -120,7 +121,7 @@ def parse_run_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .evaluation.methods import Schedule
+    from .evaluation.unlearning import Schedule
     from .evaluation.runner import BenchmarkConfig
     from .evaluation.selection import DEFAULT_SELECTION_PATH
 

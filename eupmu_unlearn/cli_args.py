@@ -121,13 +121,14 @@ non_negative = real(0.0)
 # ---------------------------------------------------------------------------------- names and lists
 
 
-def one_of(choices: Iterable[str], what: str = "value") -> Callable[[str], str]:
-    """A name from ``choices`` (the registry); the message lists them."""
+def one_of(choices: Iterable[str], what: str = "value", aliases: Iterable[str] = ()) -> Callable[[str], str]:
+    """A name from ``choices`` (the registry) or ``aliases``; the message lists the choices."""
     known = tuple(choices)
+    accepted = set(known) | set(aliases)
 
     def parse(text: str) -> str:
         name = text.strip()
-        if name not in known:
+        if name not in accepted:
             raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
         return name
 

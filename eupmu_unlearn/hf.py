@@ -43,18 +43,20 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from eupmu_kernels.dual import preset as dual_preset
-from .losses import npo_from_log_ratio
 from eupmu_kernels import EUPMU
+from eupmu_kernels.dual import preset as dual_preset
+
+from . import methods
+from .llm.tokens import BATCH_FIELDS, TEXT_FORGET_LOSSES, causal_lm_loss, pad_examples, sequence_log_prob, \
+    text_forget_loss
+from .loop import Losses, explicit_backward, implicit_backward
 
 __all__ = [
     "EUPMUConfig",
@@ -74,10 +76,7 @@ __all__ = [
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 """A loss on one side of a batch: ``fn(model, {"input_ids", "attention_mask", "labels"}) -> scalar``."""
 
-IGNORE_INDEX = -100
 PARTS = ("forget", "retain")
-BATCH_FIELDS = ("input_ids", "attention_mask", "labels")
-FORGET_LOSSES = ("ga", "npo")
 DUAL_UPDATES = ("lagged", "exact")
 
 
@@ -137,8 +136,8 @@ class EUPMUConfig:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.forget_loss, str) and self.forget_loss not in FORGET_LOSSES:
-            raise ValueError(f"forget_loss must be one of {FORGET_LOSSES} or a callable, got {self.forget_loss!r}")
+        if isinstance(self.forget_loss, str) and self.forget_loss not in TEXT_FORGET_LOSSES:
+            raise ValueError(f"forget_loss must be one of {TEXT_FORGET_LOSSES} or a callable, got {self.forget_loss!r}")
         if self.dual_update not in DUAL_UPDATES:
             raise ValueError(f"dual_update must be one of {DUAL_UPDATES}, got {self.dual_update!r}")
         if self.dual_update == "exact" and self.dual == "famo":
@@ -149,6 +148,19 @@ class EUPMUConfig:
             raise ValueError(f"forget_loss='ga' is negative, and dual={self.dual!r} takes the log of the losses: "
                              "use forget_loss='npo', or dual='paper' (or loss_transform='identity') for gradient "
                              "ascent")
+
+    @classmethod
+    def for_method(cls, name: str, **fields: Any) -> "EUPMUConfig":
+        """The configuration of a method of :mod:`eupmu_unlearn.methods` (``eupmu``, ``ungrad``,
+        ``npo-graddiff``, ...): its mode, dual preset or surgery rule and, where the method fixes
+        one, its forget loss; ``fields`` set the rest. Plain methods and FAMO have none."""
+        method = methods.resolve(name, fields.get("dual", methods.DEFAULT_DUAL))
+        if method.family == "plain" or method.option == "famo":
+            raise ValueError(f"method {name!r} does not run in EUPMUTrainer (plain methods and famo have no "
+                             "EUPMU configuration here)")
+        variant = {"dual": method.option} if method.family == "implicit" else {"surgery": method.option}
+        fixed = {"forget_loss": method.forget_loss} if method.forget_loss is not None else {}
+        return cls(**{"mode": method.family, **variant, **fixed, **fields})
 
     def optimizer_arguments(self, max_grad_norm: float | None) -> dict[str, Any]:
         """Keyword arguments of :class:`~eupmu_kernels.EUPMU` (without the per-group ones)."""
@@ -227,31 +239,7 @@ class ForgetRetainCollator:
         return batch
 
     def pad(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-        rows = [_example_tensors(e) for e in examples]
-        length = max(ids.numel() for ids, _, _ in rows)
-        if self.pad_to_multiple_of:
-            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, mask, lab) in enumerate(rows):
-            n = ids.numel()
-            input_ids[i, :n] = ids
-            attention_mask[i, :n] = mask
-            labels[i, :n] = torch.where(mask.bool(), lab, torch.full_like(lab, IGNORE_INDEX))
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def _example_tensors(example: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    ids = torch.as_tensor(example["input_ids"], dtype=torch.long).reshape(-1)
-    mask = example.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
-    labels = example.get("labels")
-    labels = ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if not ids.numel() == mask.numel() == labels.numel():
-        raise ValueError(f"input_ids, attention_mask and labels differ in length: "
-                         f"{ids.numel()}, {mask.numel()}, {labels.numel()}")
-    return ids, mask, labels
+        return pad_examples(examples, self.pad_token_id, self.pad_to_multiple_of)
 
 
 def split_batch(inputs: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -272,31 +260,9 @@ def is_paired_batch(inputs: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------- losses
 
 
-def _scalar(loss: Tensor) -> Tensor:
-    """nn.DataParallel returns one loss per device."""
-    return loss.mean() if loss.dim() > 0 else loss
-
-
-def causal_lm_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Mean next-token cross-entropy over the labelled tokens (the model's own loss)."""
-    outputs = model(**batch)
-    return _scalar(outputs["loss"] if isinstance(outputs, Mapping) else outputs[0])
-
-
 def gradient_ascent_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """Minus the cross-entropy: minimising it pushes the forget examples' likelihood down."""
-    return -causal_lm_loss(model, batch)
-
-
-def sequence_log_prob(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Per-sequence sum of the log-probabilities of the labelled next tokens, float32."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-    shifted_logits = logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    token_nll = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), targets.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="none")
-    return -token_nll.view(targets.shape).sum(dim=1)
+    return text_forget_loss("ga", model, batch)
 
 
 class NPOLoss:
@@ -315,7 +281,7 @@ class NPOLoss:
     def __call__(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         with torch.no_grad():
             reference_log_prob = sequence_log_prob(self.reference, batch)
-        return npo_from_log_ratio(sequence_log_prob(model, batch) - reference_log_prob, self.beta)
+        return text_forget_loss("npo", model, batch, reference_log_prob, self.beta)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -510,39 +476,27 @@ class EUPMUTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         forget_batch, retain_batch = split_batch(inputs)
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        if opt.mode == "explicit":
-            forget_loss, retain_loss, reported = self._explicit_backward(model, opt, forget_batch, retain_batch, scale)
+        losses = Losses(lambda: self._loss(self.forget_loss_fn, model, forget_batch),
+                        lambda: self._loss(self.retain_loss_fn, model, retain_batch))
+
+        def backward(loss: Tensor, **kwargs: Any) -> None:
+            self._backward(loss * scale, **kwargs)
+
+        if opt.mode == "explicit":  # one forward and backward pass per loss: one graph alive at a time
+            explicit_backward(opt, losses, backward)
+            reported = losses.forget
         else:
-            forget_loss, retain_loss, reported = self._implicit_backward(model, opt, forget_batch, retain_batch, scale)
+            reported = implicit_backward(opt, losses, backward)
             if self.eupmu_config.dual_update == "exact":
                 self._retain_batches.append(retain_batch)
-        self._loss_meter.add(forget_loss, retain_loss)
+        self._loss_meter.add(losses.forget, losses.retain)
         return (reported * scale).detach()
 
-    def _explicit_backward(self, model: nn.Module, opt: EUPMU, forget_batch: Mapping[str, Tensor],
-                           retain_batch: Mapping[str, Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        # Forward and backward per loss: one graph alive at a time, and the retain backward pass
-        # must run inside retain_grad() so its gradient lands in the retain buffer.
-        with opt.retain_grad():
-            with self.compute_loss_context_manager():
-                retain_loss = self.retain_loss_fn(model, retain_batch)
-            self._backward(retain_loss * scale)
+    def _loss(self, fn: LossFn, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         with self.compute_loss_context_manager():
-            forget_loss = self.forget_loss_fn(model, forget_batch)
-        self._backward(forget_loss * scale)
-        return forget_loss, retain_loss, forget_loss
+            return fn(model, batch)
 
-    def _implicit_backward(self, model: nn.Module, opt: EUPMU, forget_batch: Mapping[str, Tensor],
-                           retain_batch: Mapping[str, Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        with self.compute_loss_context_manager():
-            forget_loss = self.forget_loss_fn(model, forget_batch)
-            retain_loss = self.retain_loss_fn(model, retain_batch)
-            objective = opt.combine(forget_loss, retain_loss)
-        self._backward(objective * scale)
-        return forget_loss, retain_loss, objective
-
-    def _backward(self, loss: Tensor) -> None:
-        kwargs: dict[str, Any] = {}
+    def _backward(self, loss: Tensor, **kwargs: Any) -> None:
         if getattr(self, "is_deepspeed_enabled", False):
             kwargs["scale_wrt_gas"] = False  # the loss is already divided by the accumulation steps
         self.accelerator.backward(loss, **kwargs)

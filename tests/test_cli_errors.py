@@ -252,7 +252,7 @@ LLM_CASES = {
     "zero threads": (["--threads", "0"], "--threads", "must be >= 1"),
     "seed not an integer": (["--seed", "x"], "--seed", "must be an integer"),
     "negative tolerance for explicit surgery": (["--tolerance", "-0.1"], "--tolerance",
-                                                "must be >= 0 for eupmu_explicit"),
+                                                "must be >= 0 for ungrad"),
     "unknown dual rule": (["--dual", "famo"], "--dual", "invalid choice"),
 }
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from eupmu_unlearn.evaluation import memory, methods, metrics, selection, tables
+from eupmu_unlearn import losses, methods
+from eupmu_unlearn.evaluation import memory, metrics, selection, tables, unlearning
 from eupmu_unlearn.evaluation.data import Scenario, Split, load_dataset, make_scenario
 from eupmu_unlearn.evaluation.models import MLP, SmallCNN, TrainRecipe, cache_key, load_or_train, train_classifier
 
@@ -213,15 +214,15 @@ def tiny_scenario() -> Scenario:
     return Scenario("class", 0, train.where(mask), train.where(~mask))
 
 
-@pytest.mark.parametrize("name", [*methods.ALL_METHODS, "eupmu"])
+@pytest.mark.parametrize("name", [*(m.name for m in unlearning.SUPPORTED), "eupmu"])
 def test_every_method_runs_and_records(name, tiny_scenario):
     spec = methods.resolve(name)
     torch.manual_seed(0)
     model = MLP((6,), NUM_CLASSES, hidden=16)
     before = [p.detach().clone() for p in model.parameters()]
-    schedule = methods.Schedule(epochs_override=1, retain_batch=32, forget_batch=8)
-    run = methods.unlearn(spec, methods.Hyper(*spec.default), model, tiny_scenario, NUM_CLASSES, schedule,
-                          seed=0, trace_points=2)
+    schedule = unlearning.Schedule(epochs_override=1, retain_batch=32, forget_batch=8)
+    run = unlearning.unlearn(spec, methods.Hyper(*spec.default), model, tiny_scenario, NUM_CLASSES, schedule,
+                             seed=0, trace_points=2)
     assert run.steps == math.ceil(len(tiny_scenario.retain) / 32)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert run.seconds >= 0.0 and run.trace["step"] == [0.0, float(round(run.steps / 2)), float(run.steps)]
@@ -234,8 +235,18 @@ def test_every_method_runs_and_records(name, tiny_scenario):
 
 def test_method_names():
     assert methods.resolve("eupmu").name == f"eupmu-{methods.DEFAULT_DUAL}"
+    assert methods.resolve("eupmu", dual="paper").name == "eupmu-paper"
+    assert methods.resolve("eupmu_explicit").name == "ungrad" and methods.resolve("npo_graddiff").name == "npo-graddiff"
     with pytest.raises(ValueError, match="unknown method"):
         methods.resolve("nope")
+    assert [m.name for m in unlearning.SUPPORTED] == list(methods.METHODS)  # images run every method
+
+
+def test_registry_is_consistent():
+    for m in methods.METHODS.values():
+        assert m.family in methods.FAMILIES and m.forget_loss in (None, *losses.FORGET_LOSSES)
+        assert m.family != "plain" or m.option in methods.PLAIN_OBJECTIVES
+        assert len(m.knob_grid) == 3 and m.default[0] > 0
 
 
 def test_selection_lookup_fallbacks_and_overrides(tmp_path):

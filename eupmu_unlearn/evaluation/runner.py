@@ -24,13 +24,14 @@ from torch import nn
 
 from . import memory
 from .data import ClassificationData, Scenario, Split, load_dataset, make_scenario
-from .methods import ALL_METHODS, Hyper, MethodSpec, Schedule, resolve, unlearn
+from ..methods import Hyper, Method, resolve
 from .metrics import UnlearningMetrics, average_gap, evaluate, mean_std, member_subset
 from .models import (DEFAULT_ARCHITECTURE, CachedModel, build_model, cache_key, default_recipe, load_or_train,
                      train_classifier)
 from .selection import DEFAULT_SELECTION_PATH, REPO_ROOT, choose, load_selection, selection_key
+from .unlearning import Schedule, unlearn
 
-DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", *[m for m in ALL_METHODS if not m.startswith("eupmu-")])
+DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
 MEMORY_STEPS = 3
 Progress = Callable[[str], None]
 
@@ -124,7 +125,7 @@ class MethodOutcome:
     trace: dict[str, list[float]]
 
 
-def run_method(ctx: SeedContext, spec: MethodSpec, hyper: Hyper, cfg: BenchmarkConfig,
+def run_method(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfig,
                trace_points: int = 0) -> MethodOutcome:
     """Unlearn a copy of the original model with one method and evaluate it."""
     model = copy.deepcopy(ctx.original.model)
@@ -138,7 +139,7 @@ def run_method(ctx: SeedContext, spec: MethodSpec, hyper: Hyper, cfg: BenchmarkC
     return MethodOutcome(metrics, run.per_step, run.trace)
 
 
-def _peak_memory(ctx: SeedContext, spec: MethodSpec, hyper: Hyper, cfg: BenchmarkConfig) -> float:
+def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfig) -> float:
     """Peak tensor memory of the first few steps, on a separate copy (never inside a timed run)."""
     model = copy.deepcopy(ctx.original.model)
 

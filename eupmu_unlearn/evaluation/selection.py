@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .methods import Hyper, MethodSpec
+from ..methods import Hyper, Method
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SELECTION_PATH = Path(__file__).resolve().parents[1] / "data" / "hparams.json"
@@ -57,7 +57,7 @@ class ChosenHyper:
     source: str  # where the values came from, for the record
 
 
-def choose(spec: MethodSpec, selection: dict[str, Any], key: str, lr: float | None = None,
+def choose(spec: Method, selection: dict[str, Any], key: str, lr: float | None = None,
            tolerance: float | None = None) -> ChosenHyper:
     """Stored (or default) values for ``spec``, with the command-line overrides applied."""
     entry, source = _lookup(spec.name, selection, key)

@@ -24,12 +24,13 @@ import numpy as np
 
 from .. import cli_args
 from .data import DATASETS, SCENARIOS, forget_class_problem
-from .methods import ALIASES, ALL_METHODS, LR_GRID, Hyper, MethodSpec, Schedule, resolve
+from ..methods import LR_GRID, Hyper, Method, names, resolve
 from .models import ARCHITECTURES, default_cache_dir
 from .progress import progress_bar
-from .runner import BenchmarkConfig, Progress, SeedContext, prepare_seed, run_method
+from .runner import DEFAULT_METHODS, BenchmarkConfig, Progress, SeedContext, prepare_seed, run_method
 from .selection import DEFAULT_SELECTION_PATH, selection_key, selection_problem, store_entry
 from .threads import torch_threads
+from .unlearning import SUPPORTED, Schedule
 
 DESCRIPTION = ("Hyperparameters chosen per method on the validation split: every method gets the same budget, "
                "the learning-rate grid times the three values of its one knob, each run on every sweep seed; "
@@ -46,7 +47,7 @@ class SweepConfig:
     scenario: str = "class"
     forget_class: int = 0
     seeds: tuple[int, ...] = SWEEP_SEEDS
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     architecture: str | None = None
     train_epochs: int | None = None
     lr_grid: tuple[float, ...] = LR_GRID
@@ -82,7 +83,7 @@ def sweep(cfg: SweepConfig, progress: Progress | None = None) -> dict[str, Any]:
             "methods": chosen}
 
 
-def _grid_point(spec: MethodSpec, hyper: Hyper, contexts: Sequence[SeedContext], bench: BenchmarkConfig,
+def _grid_point(spec: Method, hyper: Hyper, contexts: Sequence[SeedContext], bench: BenchmarkConfig,
                 progress: Progress | None) -> dict[str, Any]:
     if progress is not None:
         progress(f"{spec.name} lr={hyper.lr:g} {spec.knob}={hyper.knob:g}")
@@ -100,13 +101,13 @@ def _schedule_dict(schedule: Schedule) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    method = cli_args.one_of((*ALIASES, *ALL_METHODS), "method")
+    method = cli_args.one_of(names(SUPPORTED), "method")
     parser.add_argument("--dataset", choices=DATASETS, default="digits")
     parser.add_argument("--scenario", choices=SCENARIOS, default="class")
     parser.add_argument("--forget-class", type=cli_args.integer(0), default=0)
     parser.add_argument("--seeds", type=cli_args.comma_list(cli_args.seed), default=",".join(map(str, SWEEP_SEEDS)),
                         help="comma-separated sweep seeds (default: %(default)s, disjoint from the reporting seeds)")
-    parser.add_argument("--methods", type=cli_args.comma_list(method), default=",".join(ALL_METHODS),
+    parser.add_argument("--methods", type=cli_args.comma_list(method), default=",".join(DEFAULT_METHODS),
                         help="comma-separated methods")
     parser.add_argument("--arch", choices=ARCHITECTURES, default=None, help="default: mlp (digits), cnn (mnist1d)")
     parser.add_argument("--lrs", type=cli_args.comma_list(cli_args.positive),

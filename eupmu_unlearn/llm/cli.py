@@ -8,17 +8,39 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import cli_args
+from .tokens import TEXT_FORGET_LOSSES
 
 PROG = "eupmu-unlearn-llm"
-DEFAULT_OUT = "results/llm"
+DEFAULT_OUT = "runs/llm"
 QUICK_OUT = "runs/llm-quick"
-EXPLICIT_METHODS = ("eupmu_explicit", "eupmu_explicit_hf")  # explicit surgery: the tolerance must be >= 0
+
+
+def method_argument():
+    """A comma-separated list of the methods text allows and their Hugging Face Trainer variants."""
+    from .. import methods
+    from . import trainer
+    from .training import SUPPORTED
+
+    aliases = (*methods.OLD_SPELLINGS, *trainer.OLD_SPELLINGS)
+    return cli_args.comma_list(cli_args.one_of((*methods.names(SUPPORTED), *trainer.TRAINER_METHODS), "method",
+                                               aliases))
+
+
+def methods_epilog() -> str:
+    from .. import methods
+    from .trainer import TRAINER_METHODS
+    from .training import DEFAULT_FORGET_LOSS, SUPPORTED
+
+    return (f"methods ('eupmu' is eupmu-reference, or the preset --dual names):\n"
+            f"{methods.describe(SUPPORTED, DEFAULT_FORGET_LOSS)}\n"
+            f"through the Hugging Face Trainer integration: {', '.join(TRAINER_METHODS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import ALL_METHODS, METHODS
+    from .training import METHODS
 
-    p = cli_args.Parser(prog=PROG, description=__doc__)
+    p = cli_args.Parser(prog=PROG, description=__doc__, epilog=methods_epilog(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CI-sized run (6 authors, 3 methods, 3 steps; 2 to 3 minutes on 2 cores)")
     p.add_argument("--seed", type=cli_args.seed, default=0, help="data, fine-tuning and unlearning seed")
@@ -26,16 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="model cache (default $EUPMU_LLM_CACHE or ~/.cache/eupmu_kernels/llm)")
-    p.add_argument("--methods", type=cli_args.comma_list(cli_args.one_of(ALL_METHODS, "method")), default=None,
-                   help=f"comma-separated methods (default {','.join(METHODS)}; also: "
-                        f"{','.join(m for m in ALL_METHODS if m not in METHODS)}, through the Hugging Face Trainer)")
+    p.add_argument("--methods", type=method_argument(), default=None,
+                   help=f"comma-separated methods (default {','.join(METHODS)}; all of them are listed below)")
     p.add_argument("--steps", type=cli_args.integer(1), default=None, help="unlearning steps per method")
     p.add_argument("--lr", type=cli_args.positive, default=None, help="unlearning learning rate")
-    p.add_argument("--eupmu-forget-loss", choices=("ga", "npo"), default=None,
-                   help="forget loss of the two EUPMU methods")
+    p.add_argument("--eupmu-forget-loss", choices=TEXT_FORGET_LOSSES, default=None,
+                   help="forget loss of the methods that take the application's (eupmu, ungrad, pcgrad, famo; "
+                        "default npo)")
     p.add_argument("--tolerance", type=cli_args.real(), default=None,
-                   help="EUPMU tolerance epsilon (>= 0 for the explicit methods)")
-    p.add_argument("--dual", choices=("paper", "reference"), default=None, help="implicit-mode dual rule")
+                   help="EUPMU tolerance epsilon (>= 0 for ungrad)")
+    p.add_argument("--dual", choices=("paper", "reference"), default=None,
+                   help="the dual preset that the name eupmu stands for (default reference)")
     p.add_argument("--dual-lr", type=cli_args.positive, default=None, help="implicit-mode multiplier step size")
     p.add_argument("--epochs", type=cli_args.integer(1), default=None, help="fine-tuning epochs of target and oracle")
     p.add_argument("--threads", type=cli_args.integer(1), default=None,
@@ -53,13 +76,20 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.tolerance is not None and args.tolerance < 0:
-        explicit = [m for m in cfg.methods if m in EXPLICIT_METHODS]
+        explicit = [name for name in cfg.methods if method_of(name, cfg).needs_non_negative_tolerance]
         if explicit:
             cli_args.fail(parser, "--tolerance", f"must be >= 0 for {', '.join(explicit)} (explicit surgery), "
                                                  f"got {args.tolerance:g}")
     cli_args.check_directory_or_absent(parser, "--cache-dir", args.cache_dir)
     cli_args.check_output_dir(parser, "--out", output_dir(args))
     return args
+
+
+def method_of(name: str, cfg):
+    from .trainer import through_trainer
+    from .training import resolve
+
+    return resolve(through_trainer(name) or name, cfg.unlearn)
 
 
 def config_from_args(args: argparse.Namespace):

@@ -29,10 +29,8 @@ from .model import (BASE_NAME, default_cache_dir, fingerprint, force_offline, is
                     parameter_count, save_model)
 from .profiling import measure
 from .scoring import greedy_answers, score_split
-from .trainer import TRAINER_METHODS, unlearn_with_trainer
-from .training import METHODS, FinetuneConfig, UnlearnConfig, UnlearnTrace, finetune, unlearn
-
-ALL_METHODS = METHODS + tuple(TRAINER_METHODS)
+from .trainer import through_trainer, unlearn_with_trainer
+from .training import METHODS, FinetuneConfig, UnlearnConfig, UnlearnTrace, finetune, resolve, unlearn
 SAMPLES_PER_SPLIT = 4
 
 Progress = Callable[[str], None]
@@ -66,7 +64,7 @@ def quick_config(seed: int = 0) -> PipelineConfig:
     """A CI-sized run: 6 authors (one forgotten), short fine-tuning, three methods, three steps."""
     return PipelineConfig(
         seed=seed, n_authors=6, forget_fraction=0.17, n_perturbed=3, n_world=3, retain_eval_size=5, n_rehearsal=4,
-        max_new_tokens=16, methods=("ga", "eupmu_implicit", "eupmu_explicit"),
+        max_new_tokens=16, methods=("ga", "eupmu", "ungrad"),
         finetune=FinetuneConfig(epochs=3, batch_size=8, lr=5e-4, warmup_steps=2, seed=seed),
         unlearn=UnlearnConfig(steps=3, forget_batch_size=5, retain_batch_size=5, seed=seed))
 
@@ -166,9 +164,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | None, cache_dir: Path | No
     force_offline()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    unknown = [m for m in cfg.methods if m not in ALL_METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+    for name in cfg.methods:  # every name must be known before any work
+        resolve(through_trainer(name) or name, cfg.unlearn)
     t_start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data = make_data(cfg)
@@ -227,8 +224,8 @@ def unlearn_and_score(method: str, target: torch.nn.Module, codec: Codec, data: 
 
 def run_method(method: str, model: torch.nn.Module, codec: Codec, forget: Sequence[QAItem],
                retain: Sequence[QAItem], cfg: UnlearnConfig) -> UnlearnTrace:
-    """The library's own loop, or the Hugging Face Trainer integration for the ``*_hf`` methods."""
-    if method in TRAINER_METHODS:
+    """The shared step loop, or the Hugging Face Trainer integration for the ``*-hf`` methods."""
+    if through_trainer(method) is not None:
         return unlearn_with_trainer(method, model, codec, forget, retain, cfg)
     return unlearn(method, model, codec, forget, retain, cfg)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from .tofu import SplitScores
 from .codec import Codec
 from .data import QAItem
-from .training import collate, encode_example, sequence_logprob
+from .tokens import encode_example, pad_examples, scored_tokens, sequence_log_prob, to_device
 
 
 @torch.no_grad()
@@ -22,15 +22,15 @@ def answer_logprobs(model: torch.nn.Module, codec: Codec, pairs: Sequence[tuple[
     device = next(model.parameters()).device
     examples = [encode_example(codec, q, a, with_end=False) for q, a in pairs]
     # Similar lengths share a batch, so little compute goes to padding.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     logprob = torch.zeros(len(examples), dtype=torch.float64)
     tokens = torch.zeros(len(examples), dtype=torch.float64)
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        lp, n = sequence_logprob(model, collate([examples[i] for i in rows], codec.pad_id).to(device))
-        logprob[rows] = lp.double().cpu()
-        tokens[rows] = n.double().cpu()
+        batch = to_device(pad_examples([examples[i] for i in rows], codec.pad_id), device)
+        logprob[rows] = sequence_log_prob(model, batch).double().cpu()
+        tokens[rows] = scored_tokens(batch).double().cpu()
     return logprob.numpy(), tokens.numpy()
 
 
