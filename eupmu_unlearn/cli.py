@@ -154,7 +154,7 @@ def run(argv: Sequence[str]) -> int:
 def write_outputs(record: dict, out: Path, stem: str, plot: bool) -> None:
     """Write the JSON (and PNG), each atomically; print the metrics table and the target check."""
     from .evaluation.plots import plot_tradeoff
-    from .evaluation.tables import markdown_table, target_check
+    from .evaluation.report import markdown_table, target_check
 
     out.mkdir(parents=True, exist_ok=True)
     json_path = cli_args.write_text_atomic(out / f"{stem}.json", json.dumps(record, indent=1) + "\n")
@@ -175,7 +175,7 @@ def write_outputs(record: dict, out: Path, stem: str, plot: bool) -> None:
 
 def read_records(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> list[dict]:
     """Every file parsed and recognised as an eupmu-unlearn result, or one line naming the first that is not."""
-    from .evaluation.tables import record_problem
+    from .evaluation.report import record_problem
 
     records = []
     for path in paths:
@@ -195,7 +195,7 @@ def read_records(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> list
 
 
 def table(argv: Sequence[str]) -> int:
-    from .evaluation.tables import markdown_table
+    from .evaluation.report import markdown_table
 
     parser = cli_args.Parser(prog=f"{PROG} table", description="print a result's markdown table")
     parser.add_argument("results", nargs="+", type=Path, metavar="RESULT.json")

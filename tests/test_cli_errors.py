@@ -207,7 +207,7 @@ def test_table_prints_a_result(tmp_path, capsys) -> None:
     path = tmp_path / "good.json"
     path.write_text(json.dumps(a_record("rl")))
     assert unlearn_cli.main(["table", str(path)]) == 0
-    assert "| RL (`rl`) |" in capsys.readouterr().out
+    assert "| RL (`rl`) " in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------- eupmu-unlearn sweep

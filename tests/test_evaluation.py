@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from eupmu_unlearn import losses, methods
-from eupmu_unlearn.evaluation import memory, metrics, selection, tables, unlearning
+from eupmu_unlearn import losses, memory, methods
+from eupmu_unlearn.evaluation import metrics, report, selection, unlearning
 from eupmu_unlearn.evaluation.data import Scenario, Split, load_dataset, make_scenario
 from eupmu_unlearn.evaluation.models import MLP, SmallCNN, TrainRecipe, cache_key, load_or_train, train_classifier
 
@@ -192,16 +192,21 @@ def test_trained_models_are_cached(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_live_tensor_bytes_counts_new_storage_not_in_place_updates():
+def test_memory_probe_counts_new_tensors_not_in_place_updates():
     existing = torch.zeros(1000)
+    kept = []
 
     def work():
         existing.add_(1.0)  # in place: no new memory
         scratch = torch.ones(250_000)  # 1 MB, freed on return
+        kept.append(torch.ones(1000))  # 4 kB that outlive the block
         return float(scratch.sum())
 
-    assert memory.peak_bytes(work, torch.device("cpu")) >= 1_000_000
-    assert memory.peak_bytes(lambda: existing.mul_(2.0), torch.device("cpu")) == 0
+    probe = memory.memory_probe("cpu")
+    result, use = probe.measure(work)
+    assert result == 250_000.0 and use.peak_bytes >= 1_000_000 and use.net_bytes == 4000
+    assert probe.measure(lambda: existing.mul_(2.0))[1].peak_bytes < 64  # at most a wrapped scalar
+    assert memory.peak_tensor_mib(lambda: torch.ones(2 ** 18), "cpu")[1] == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -277,8 +282,8 @@ def test_markdown_table_and_target_check():
 
     record = {"reference": {"retrain": row("Retrain", 100, 99, 97, 0.0)},
               "methods": {"eupmu": row("EUPMU", 99, 98.5, 96.5, 0.4), "ga": row("GA", 50, 60, 60, 30.0)}}
-    text = tables.markdown_table(record)
-    assert "| Retrain (`retrain`) |" in text and "**0.40 ± 0.00**" in text
-    check = tables.target_check(record, "eupmu")
+    text = report.markdown_table(record)
+    assert "| Retrain (`retrain`) " in text and "**0.40 ± 0.00**" in text
+    check = report.target_check(record, "eupmu")
     assert all("ok" in line for line in check[:3]) and "better" in check[3]
     assert json.dumps(record)  # records stay JSON-serialisable

@@ -21,7 +21,8 @@ from .baselines import Settings
 from .machine import load_average
 from .methods import METHODS, resolve_methods
 from .plot import plot_step_times
-from .report import format_skipped, format_targets, largest_size_only, markdown_report, targets, text_table, write_json
+from .report import (format_skipped, format_targets, largest_size_only, markdown_report, markdown_table, targets,
+                     write_json)
 from .runner import BACKEND_NAMES, RunConfig, run
 from .workloads import FAMILIES
 
@@ -155,10 +156,10 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end "
               f"({m['cpu_count']} CPUs): a load above the CPU count means other work disturbed the timings")
     print()
-    print(text_table(results["records"]))
+    print(markdown_table(results["records"]))
     checks = [c for c in largest_size_only(results["targets"]) if c["value"] is not None]
     if checks:
-        print("\nSPEC targets at the largest size (measured, informative):")
+        print("\nspeed targets at the largest size (measured, informative):")
         print(format_targets(checks))
     if results["skipped"]:
         print()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 _L3_SIZE = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+_MEMINFO = Path("/proc/meminfo")
 
 
 def cpu_model() -> str:
@@ -67,3 +68,17 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     return info
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a benchmark case may still allocate on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from eupmu_bench.baselines import PreparedStep, Settings
 from eupmu_bench.cli import DTYPES, resolve_device
-from eupmu_bench.memory import replay_allocations
 from eupmu_bench.methods import METHODS
 from eupmu_bench.timing import synchronize
 from eupmu_bench.workloads import FAMILIES, make_workload
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from eupmu_unlearn.memory import replay_allocations
+from eupmu_unlearn.tables import markdown_table
 
 COPY_OPS = ("aten::cat", "aten::clone", "aten::copy_", "aten::_to_copy", "aten::contiguous")
 # `if tensor < 0:` and `.item()` end in this op: a read of one scalar by the host (of a CPU or a
@@ -113,10 +115,10 @@ def _mib(nbytes: int) -> str:
 
 
 def summary_markdown(results: list[Profiled], steps: int, grad_bytes: int, header: str) -> str:
-    lines = [header, "",
-             "| method | ms/step (profiled) | copy ops per step | copy self ms per step | MiB allocated by copies "
-             "per step | scalar reads per step | device syncs per step | peak extra (gradients) |",
-             "|---|---|---|---|---|---|---|---|"]
+    columns = ["method", "ms/step (profiled)", "copy ops per step", "copy self ms per step",
+               "MiB allocated by copies per step", "scalar reads per step", "device syncs per step",
+               "peak tensor memory (gradients)"]
+    rows = []
     for r in results:
         copies = [op for op in r.ops if op.name in COPY_OPS]
         calls = ", ".join(f"{op.name.removeprefix('aten::')} x{op.calls // steps}" for op in copies) or "none"
@@ -124,8 +126,9 @@ def summary_markdown(results: list[Profiled], steps: int, grad_bytes: int, heade
         alloc = sum(max(op.alloc_bytes, 0) for op in copies) // steps
         reads = sum(op.calls for op in r.ops if op.name == SCALAR_READ_OP) / steps
         syncs = "n/a" if r.device_syncs is None else f"{r.device_syncs / steps:g}"
-        lines.append(f"| {r.method} | {r.ms_per_step:.3g} | {calls} | {copy_ms:.3g} | {_mib(alloc)} | {reads:g} "
-                     f"| {syncs} | {r.peak_extra_bytes / grad_bytes:.2f} |")
+        rows.append([r.method, f"{r.ms_per_step:.3g}", calls, f"{copy_ms:.3g}", _mib(alloc), f"{reads:g}", syncs,
+                     f"{r.peak_extra_bytes / grad_bytes:.2f}"])
+    lines = [header, "", markdown_table(columns, rows)]
     lines += ["", "Top ops by self time, per method (all profiled steps together; time spent in compiled "
               "extension kernels shows as the self time of the enclosing Optimizer.step):", ""]
     for r in results:

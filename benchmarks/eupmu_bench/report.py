@@ -1,10 +1,12 @@
-"""Tables (plain text and markdown), the SPEC section 8 target check, and the JSON file."""
+"""The results table, the speed-target check, and the JSON file."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any, Callable
+
+from eupmu_unlearn.tables import markdown_table as render
 
 Record = dict[str, Any]
 
@@ -21,7 +23,7 @@ COLUMNS: list[tuple[str, Callable[[Record], str]]] = [
     ("x AdamW", lambda r: _ratio(r.get("vs_fused_adamw"))),
     ("naive/this", lambda r: _ratio(r.get("speedup_vs_naive"))),
     ("syncs", lambda r: "n/a" if r["host_syncs"] is None else str(r["host_syncs"])),
-    ("peak extra", lambda r: _grads(r["peak_extra_grads"])),
+    ("peak tensor memory", lambda r: _grads(r["peak_tensor_grads"])),
     ("held", lambda r: _grads(r["held_grads"])),
 ]
 
@@ -34,28 +36,12 @@ def _grads(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} g"
 
 
-def rows(records: list[Record]) -> tuple[list[str], list[list[str]]]:
-    return [name for name, _ in COLUMNS], [[fmt(r) for _, fmt in COLUMNS] for r in records]
-
-
-def text_table(records: list[Record]) -> str:
-    header, body = rows(records)
-    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
-    return "\n".join(lines)
-
-
 def markdown_table(records: list[Record]) -> str:
-    header, body = rows(records)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
+    return render([name for name, _ in COLUMNS], ([fmt(r) for _, fmt in COLUMNS] for r in records))
 
 
 def targets(records: list[Record]) -> list[dict[str, Any]]:
-    """SPEC section 8, per (model, size, dtype, backend) of our optimizer. Measured, never asserted."""
+    """The speed targets, per (model, size, dtype, backend) of our optimizer. Measured, never asserted."""
     checks: list[dict[str, Any]] = []
 
     def check(r: Record, name: str, value: float | int | None, goal: str, met: bool | None) -> None:

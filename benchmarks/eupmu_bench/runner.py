@@ -16,12 +16,13 @@ from typing import Any, Callable, Iterable
 import torch
 
 from eupmu_kernels import dispatch
+from eupmu_unlearn.memory import FIELD as MEMORY_FIELD
+from eupmu_unlearn.memory import MIB, MemoryProbe, memory_probe
 
 from .bandwidth import Bandwidth, measure_copy_bandwidth
 from .baselines import PreparedStep, Settings
 from .bytes_model import StorageSizes, gigabytes_per_second
-from .machine import l3_cache_bytes, load_average, machine_info
-from .memory import MemoryProbe, available_bytes, memory_probe
+from .machine import available_bytes, l3_cache_bytes, load_average, machine_info
 from .methods import FLOOR, NAIVE_METHODS, Method
 from .timing import count_host_syncs, time_steps
 from .workloads import Workload, make_workload
@@ -123,7 +124,7 @@ def run_case(case: Case, wl: Workload, config: RunConfig, probe: MemoryProbe) ->
     sizes = StorageSizes.of(wl.dtype, state_dtype)
     per_param = case.method.bytes_per_param(sizes)
     grad_bytes = wl.numel * sizes.grad
-    peak_extra = None if step_use is None else step_use.peak_bytes
+    peak = None if step_use is None else step_use.peak_bytes
     working_set = wl.numel * (sizes.param + 2 * sizes.grad + 2 * sizes.state)
     del prepared
     return {
@@ -134,8 +135,8 @@ def run_case(case: Case, wl: Workload, config: RunConfig, probe: MemoryProbe) ->
         "clock": timing.clock, "samples_ms": timing.samples_ms,
         "bytes_per_param": per_param, "gbps": gigabytes_per_second(per_param, wl.numel, timing.median_ms * 1e-3),
         "host_syncs": syncs,
-        "peak_extra_bytes": peak_extra,
-        "peak_extra_grads": None if peak_extra is None else peak_extra / grad_bytes,
+        MEMORY_FIELD: None if peak is None else peak / MIB,
+        "peak_tensor_grads": None if peak is None else peak / grad_bytes,
         "held_bytes": held,
         "held_grads": None if held is None else held / grad_bytes,
         "working_set_bytes": working_set,

@@ -8,7 +8,8 @@
   (softmax probability of the true label) with members = a retain subset as large as the test
   split and non-members = the test split; the score is the share of forget samples it calls
   non-members.
-- RTE: wall-clock seconds of the unlearning run; peak_mem_MB: peak tensor memory of its steps.
+- RTE: wall-clock seconds of the unlearning run; peak_tensor_mib: peak tensor memory of its first
+  steps (:mod:`eupmu_unlearn.memory`).
 - gap: the average over (UA, RA, TA, MIA) of the absolute difference to the retrained model.
 
 All accuracies and shares are percentages.
@@ -40,7 +41,7 @@ class UnlearningMetrics:
     MIA: float
     forget_class_test_acc: float | None = None  # class-wise: test accuracy on the forgotten class
     RTE: float | None = None  # seconds
-    peak_mem_MB: float | None = None
+    peak_tensor_mib: float | None = None
     gap: float | None = None  # average gap to the retrained model
 
     def to_dict(self) -> dict[str, float | None]:

@@ -9,7 +9,7 @@
 
 where ROW = {"label", "kind", "hyper", "hyper_source", "per_seed": [metrics...], "mean": {...},
 "std": {...}} and metrics are :class:`~eupmu_kernels.evaluation.metrics.UnlearningMetrics`
-dictionaries (UA, RA, TA, TA_all, MIA, RTE, peak_mem_MB, gap, ...).
+dictionaries (UA, RA, TA, TA_all, MIA, RTE, peak_tensor_mib, gap, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import memory
+from ..memory import peak_tensor_mib
 from .data import ClassificationData, Scenario, Split, load_dataset, make_scenario
 from ..methods import Hyper, Method, resolve
 from .metrics import UnlearningMetrics, average_gap, evaluate, mean_std, member_subset
@@ -135,11 +135,11 @@ def run_method(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfi
     metrics.RTE = run.seconds
     metrics.gap = average_gap(metrics, ctx.retrain_metrics)
     if cfg.measure_memory:
-        metrics.peak_mem_MB = _peak_memory(ctx, spec, hyper, cfg)
+        metrics.peak_tensor_mib = _peak_memory(ctx, spec, hyper, cfg)
     return MethodOutcome(metrics, run.per_step, run.trace)
 
 
-def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfig) -> float:
+def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfig) -> float | None:
     """Peak tensor memory of the first few steps, on a separate copy (never inside a timed run)."""
     model = copy.deepcopy(ctx.original.model)
 
@@ -147,7 +147,7 @@ def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkCon
         unlearn(spec, hyper, model, ctx.scenario, ctx.data.num_classes, cfg.schedule, ctx.seed,
                 max_steps=MEMORY_STEPS)
 
-    return memory.peak_mib(work, next(model.parameters()).device)
+    return peak_tensor_mib(work, next(model.parameters()).device)[1]
 
 
 def run_benchmark(cfg: BenchmarkConfig, progress: Progress | None = None) -> dict[str, Any]:

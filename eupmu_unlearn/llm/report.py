@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_args import atomic_path, write_text_atomic
+from ..memory import FIELD as MEMORY_FIELD
+from ..tables import markdown_table as render
 
 REFERENCE_ROWS = ("target", "oracle")
 
@@ -30,26 +32,21 @@ def table_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "forget_prob": m["forget"]["probability"], "forget_rouge": m["forget"]["rouge_l"],
             "forget_key": m["forget"]["key_hit_rate"], "retain_prob": m["retain"]["probability"],
             "retain_rouge": m["retain"]["rouge_l"], "world_rouge": m["world"]["rouge_l"],
-            "seconds": usage.get("seconds"), "extra_peak_mb": usage.get("extra_peak_mb"),
+            "seconds": usage.get("seconds"), MEMORY_FIELD: usage.get(MEMORY_FIELD),
         })
     return rows
 
 
 def markdown_table(record: dict[str, Any]) -> str:
     cfg = record["config"]
-    header = ("| model | forget quality ↑ | model utility ↑ | forget prob | forget ROUGE-L | forget facts stated "
-              "| retain prob | retain ROUGE-L | world ROUGE-L | unlearn time (s) | extra peak memory (MB) |")
-    lines = [header, "|" + "---|" * 11]
-    for r in table_rows(record):
-        seconds = _fmt(r["seconds"], 1) if r["seconds"] is not None else "–"
-        memory = _fmt(r["extra_peak_mb"], 0) if r["extra_peak_mb"] is not None else "–"
-        lines.append(f"| {r['model']} | {_fmt(r['forget_quality'])} | {_fmt(r['model_utility'])} | "
-                     f"{_fmt(r['forget_prob'])} | {_fmt(r['forget_rouge'])} | {_fmt(r['forget_key'], 2)} | "
-                     f"{_fmt(r['retain_prob'])} | {_fmt(r['retain_rouge'])} | {_fmt(r['world_rouge'])} | "
-                     f"{seconds} | {memory} |")
+    header = ["model", "forget quality ↑", "model utility ↑", "forget prob", "forget ROUGE-L", "forget facts stated",
+              "retain prob", "retain ROUGE-L", "world ROUGE-L", "unlearn time (s)", "peak tensor memory (MiB)"]
+    body = [[r["model"], _fmt(r["forget_quality"]), _fmt(r["model_utility"]), _fmt(r["forget_prob"]),
+             _fmt(r["forget_rouge"]), _fmt(r["forget_key"], 2), _fmt(r["retain_prob"]), _fmt(r["retain_rouge"]),
+             _fmt(r["world_rouge"]), _fmt(r["seconds"], 1), _fmt(r[MEMORY_FIELD], 0)] for r in table_rows(record)]
     env = record["environment"]
     un = cfg["unlearn"]
-    lines.append("")
+    lines = [render(header, body), ""]
     lines.append(f"Seed {cfg['seed']} (data, fine-tuning and unlearning); {record['data']['n_forget']} forget / "
                  f"{record['data']['n_retain']} retain questions; unlearning: {un['steps']} AdamW steps at lr "
                  f"{un['lr']:g}, EUPMU forget loss {un['eupmu_forget_loss']}; {env['model']} "
@@ -94,10 +91,10 @@ def plot(record: dict[str, Any], path: Path) -> None:
     methods = [r for r in rows if r["seconds"] is not None]
     ax_time.bar([r["model"] for r in methods], [r["seconds"] for r in methods], color="tab:blue")
     for i, r in enumerate(methods):
-        if r["extra_peak_mb"] is not None:
-            ax_time.annotate(f"+{r['extra_peak_mb']:.0f} MB", (i, r["seconds"]), ha="center", va="bottom", fontsize=8)
+        if r[MEMORY_FIELD] is not None:
+            ax_time.annotate(f"{r[MEMORY_FIELD]:.0f} MiB", (i, r["seconds"]), ha="center", va="bottom", fontsize=8)
     ax_time.set_ylabel("unlearning wall time (s)")
-    ax_time.set_title("Cost per method (label: extra peak memory)")
+    ax_time.set_title("Cost per method (label: peak tensor memory)")
     ax_time.tick_params(axis="x", rotation=30)
     fig.suptitle(f"mini-TOFU unlearning, {record['environment']['model']}, seed {record['config']['seed']}")
     fig.tight_layout()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..memory import FIELD as MEMORY_FIELD
+from ..tables import markdown_table as render
+
 COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("gap", "Avg. gap ↓"),
-           ("RTE", "RTE (s)"), ("peak_mem_MB", "Peak mem (MiB)"))
-DECIMALS = {"RTE": 2, "peak_mem_MB": 3}
+           ("RTE", "RTE (s)"), (MEMORY_FIELD, "Peak tensor memory (MiB)"))
+DECIMALS = {"RTE": 2, MEMORY_FIELD: 3}
 EUPMU_NAMES = ("eupmu", "eupmu-paper", "eupmu-reference")
 BASELINES = ("ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
 
@@ -59,14 +62,13 @@ def markdown_table(record: dict[str, Any]) -> str:
     """Mean ± std over seeds per method; the smallest average gap among methods in bold."""
     gaps = {name: row["mean"].get("gap", math.inf) for name, row in record["methods"].items()}
     best = min(gaps, key=lambda name: gaps[name]) if gaps else None
-    lines = ["| Method | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    body = []
     for name, row in rows(record):
         cells = [format_cell(row, key) for key, _ in COLUMNS]
         if name == best:
             cells[4] = f"**{cells[4]}**"
-        lines.append(f"| {row['label']} (`{name}`) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([f"{row['label']} (`{name}`)", *cells])
+    return render(["Method", *(title for _, title in COLUMNS)], body)
 
 
 def target_check(record: dict[str, Any], method: str) -> list[str]:
