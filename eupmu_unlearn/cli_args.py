@@ -20,7 +20,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NoReturn, TypeVar
+from typing import Callable, Iterable, Iterator, NoReturn, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -155,6 +155,29 @@ def comma_list(item: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
     return parse
 
 
+class _JoinLists(argparse.Action):
+    """Joins the comma-separated lists of several words (``--sizes 1e6,1e7 2e7``) into one tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001 (argparse API)
+        setattr(namespace, self.dest, tuple(value for part in values for value in part))
+
+
+def add_list_option(parser: argparse.ArgumentParser, flag: str, item: Callable[[str], T],
+                    default: Sequence[T] | None, help: str) -> None:
+    """A comma-separated list option; for older command lines, space-separated words are taken too."""
+    parser.add_argument(flag, nargs="+", type=comma_list(item), action=_JoinLists,
+                        default=None if default is None else tuple(default), help=help)
+
+
+def check_distinct(parser: argparse.ArgumentParser, option: str, names: Sequence[str],
+                   canonical: Callable[[str], object]) -> None:
+    """No two of ``names`` stand for the same thing (an alias and its name, say)."""
+    keys = [canonical(name) for name in names]
+    twice = [name for name, key in zip(names, keys) if keys.count(key) > 1]
+    if twice:
+        fail(parser, option, f"{', '.join(twice)} name the same method twice")
+
+
 def device(allow_auto: bool = False) -> Callable[[str], str]:
     """A torch device name (``cpu``, ``cuda``, ``cuda:1``, ...) that exists on this machine."""
 
@@ -245,3 +268,17 @@ def write_text_atomic(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def display_path(path: Path | None) -> str | None:
+    """A path for a result file that does not name this machine's layout: relative to the working
+    folder when inside it, else under ``~/``, else the file name alone."""
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
+        try:
+            return prefix + str(resolved.relative_to(base))
+        except ValueError:
+            continue
+    return resolved.name

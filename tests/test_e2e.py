@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from eupmu_unlearn import cli
+from eupmu_unlearn.evaluation.selection import package_selection
 
 TINY = ["--train-epochs", "3", "--epochs", "1", "--quiet", "--threads", "1"]
 
@@ -76,11 +76,9 @@ def test_unknown_method_is_rejected(tmp_path, capsys):
     assert stopped.value.code == 2 and "unknown method 'bogus'" in capsys.readouterr().err
 
 
-def test_stored_selection_is_valid_json():
-    path = Path(__file__).resolve().parents[1] / "results" / "hparams.json"
-    if not path.is_file():
-        pytest.skip("no stored selection yet")
-    selections = json.loads(path.read_text())["selections"]
+def test_the_packaged_selection_covers_the_reported_scenarios():
+    selections = package_selection()["selections"]
+    assert {"digits/class/mlp", "mnist1d/class/cnn", "mnist1d/random/cnn"} <= set(selections)
     for entry in selections.values():
         assert entry["heldout"] == "val"
         for choice in entry["methods"].values():

@@ -257,22 +257,34 @@ def test_registry_is_consistent():
 def test_selection_lookup_fallbacks_and_overrides(tmp_path):
     path = tmp_path / "hparams.json"
     spec = methods.resolve("ungrad")
-    assert selection.choose(spec, selection.load_selection(path), "digits/class/mlp").hyper == methods.Hyper(
-        *spec.default)
+
+    def mine():
+        return selection.Selections((("mine", selection.load_selection(path)),))
+
+    assert selection.choose(spec, mine(), "digits/class/mlp").hyper == methods.Hyper(*spec.default)
     selection.store_entry(path, "digits/class/mlp", {"methods": {"ungrad": {"lr": 0.5, "knob": 2.0}}}, {"note": "x"})
-    stored = selection.load_selection(path)
-    assert stored["note"] == "x"
-    assert selection.choose(spec, stored, "digits/class/mlp").hyper == methods.Hyper(0.5, 2.0)
-    assert selection.choose(spec, stored, "digits/random/mlp").source == "selection digits/class/mlp"
-    chosen = selection.choose(spec, stored, "digits/class/mlp", lr=0.1, tolerance=0.3)
+    assert selection.load_selection(path)["note"] == "x"
+    assert selection.choose(spec, mine(), "digits/class/mlp").hyper == methods.Hyper(0.5, 2.0)
+    assert selection.choose(spec, mine(), "digits/random/mlp").source == "mine digits/class/mlp"
+    chosen = selection.choose(spec, mine(), "digits/class/mlp", lr=0.1, tolerance=0.3)
     assert chosen.hyper == methods.Hyper(0.1, 0.3) and "overridden" in chosen.source
     ref = methods.resolve("eupmu-reference")
-    assert selection.choose(ref, stored, "digits/class/mlp", tolerance=-0.02).hyper.knob == pytest.approx(0.02)
+    assert selection.choose(ref, mine(), "digits/class/mlp", tolerance=-0.02).hyper.knob == pytest.approx(0.02)
     paper = methods.resolve("eupmu-paper")  # tuned on dual_lr; the tolerance rides along
-    assert selection.choose(paper, stored, "digits/class/mlp", tolerance=0.4).hyper.tolerance == 0.4
+    assert selection.choose(paper, mine(), "digits/class/mlp", tolerance=0.4).hyper.tolerance == 0.4
     selection.store_entry(path, "digits/class/mlp", {"methods": {"ft": {"lr": 0.2, "knob": 5}}}, {})
     merged = selection.load_selection(path)["selections"]["digits/class/mlp"]["methods"]
     assert set(merged) == {"ungrad", "ft"}  # a partial sweep keeps the other methods
+
+
+def test_an_exact_key_wins_over_the_other_scenario_in_any_file(tmp_path):
+    user = tmp_path / "user.json"
+    selection.store_entry(user, "digits/random/mlp", {"methods": {"ft": {"lr": 0.5, "knob": 2}}}, {})
+    both = selection.Selections.for_run(user, "user.json")
+    assert selection.choose(methods.resolve("ft"), both, "digits/class/mlp").source == \
+        "package selection digits/class/mlp"
+    assert selection.choose(methods.resolve("ft"), both, "digits/random/mlp").source == \
+        "selection file user.json digits/random/mlp"
 
 
 def test_markdown_table_and_target_check():

@@ -54,14 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for results.json/.md and the PNG")
     p.add_argument("--device", type=cli_args.device(allow_auto=True), default="auto",
                    help="auto (cuda when available), cpu, cuda or cuda:N")
-    p.add_argument("--models", nargs="+", default=["gpt2"], choices=sorted(FAMILIES),
-                   help="tensor layouts to scale (default gpt2)")
-    p.add_argument("--sizes", nargs="+", type=cli_args.count, help="total parameter counts, e.g. 1e6 2e7")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    p.add_argument("--methods", nargs="+", type=cli_args.one_of(("all", *METHODS), "method"), default=["all"],
-                   help=f"'all' or some of: {', '.join(METHODS)}")
-    p.add_argument("--backends", nargs="+", default=list(BACKEND_NAMES), choices=BACKEND_NAMES,
-                   help="kernel backends for our optimizer (those that cannot run are skipped and listed)")
+    cli_args.add_list_option(p, "--models", cli_args.one_of(sorted(FAMILIES), "model"), ("gpt2",),
+                             "comma-separated tensor layouts to scale (default gpt2)")
+    cli_args.add_list_option(p, "--sizes", cli_args.count, None,
+                             "comma-separated total parameter counts, e.g. 1e6,2e7")
+    cli_args.add_list_option(p, "--dtypes", cli_args.one_of(sorted(DTYPES), "dtype"), ("float32", "bfloat16"),
+                             "comma-separated parameter dtypes (default float32,bfloat16)")
+    cli_args.add_list_option(p, "--methods", cli_args.one_of(("all", *METHODS), "method"), ("all",),
+                             f"'all' or some of: {', '.join(METHODS)}")
+    cli_args.add_list_option(p, "--backends", cli_args.one_of(BACKEND_NAMES, "backend"), BACKEND_NAMES,
+                             "comma-separated kernel backends for our optimizer (those that cannot run are skipped "
+                             "and listed)")
     p.add_argument("--repeats", type=cli_args.integer(1), help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=cli_args.integer(0),
                    help="untimed steps per case before timing (at least 1 is run)")

@@ -25,6 +25,7 @@ from eupmu_bench.timing import synchronize
 from eupmu_bench.workloads import FAMILIES, make_workload
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from eupmu_unlearn import cli_args
 from eupmu_unlearn.memory import replay_allocations
 from eupmu_unlearn.tables import markdown_table
 
@@ -139,17 +140,18 @@ def summary_markdown(results: list[Profiled], steps: int, grad_bytes: int, heade
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eupmu_bench.profile_step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--numel", type=lambda s: int(float(s)), default=4_000_000)
+    p = cli_args.Parser(prog="python -m eupmu_bench.profile_step", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--numel", type=cli_args.count, default=4_000_000)
     p.add_argument("--model", default="gpt2", choices=sorted(FAMILIES))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    p.add_argument("--device", type=cli_args.device(allow_auto=True), default="auto")
+    p.add_argument("--steps", type=cli_args.integer(1), default=3)
+    cli_args.add_list_option(p, "--methods", cli_args.one_of(METHODS, "method"), DEFAULT_METHODS,
+                             f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--backend", default=None, help="kernel backend of our optimizer (default: auto)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--row-limit", type=int, default=15)
+    p.add_argument("--threads", type=cli_args.integer(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--row-limit", type=cli_args.integer(1), default=15)
     p.add_argument("--out", type=Path, default=Path("runs/profile"))
     return p
 

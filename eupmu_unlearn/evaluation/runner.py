@@ -24,11 +24,12 @@ from torch import nn
 
 from ..memory import peak_tensor_mib
 from .data import ClassificationData, Scenario, Split, load_dataset, make_scenario
+from ..cli_args import display_path
 from ..methods import Hyper, Method, resolve
 from .metrics import UnlearningMetrics, average_gap, evaluate, mean_std, member_subset
 from .models import (DEFAULT_ARCHITECTURE, CachedModel, build_model, cache_key, default_recipe, load_or_train,
                      train_classifier)
-from .selection import DEFAULT_SELECTION_PATH, REPO_ROOT, choose, load_selection, selection_key
+from .selection import ChosenHyper, Selections, choose, selection_key
 from .unlearning import Schedule, unlearn
 
 DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
@@ -48,7 +49,7 @@ class BenchmarkConfig:
     schedule: Schedule = field(default_factory=Schedule)
     lr: float | None = None  # overrides every method's learning rate
     tolerance: float | None = None  # overrides the tolerance of the methods that have one
-    selection_path: Path | None = DEFAULT_SELECTION_PATH
+    selection_path: Path | None = None  # a user's selection, looked up before the package's
     cache_dir: Path | None = None  # None: models are trained and not cached
     device: str = "cpu"
     heldout: str = "test"  # "val" during hyperparameter selection
@@ -62,8 +63,8 @@ class BenchmarkConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["architecture"] = self.arch
-        out["selection_path"] = _display_path(self.selection_path)
-        out["cache_dir"] = _display_path(self.cache_dir)
+        out["selection_path"] = display_path(self.selection_path)
+        out["cache_dir"] = display_path(self.cache_dir)
         return out
 
 
@@ -150,12 +151,17 @@ def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkCon
     return peak_tensor_mib(work, next(model.parameters()).device)[1]
 
 
+def choose_all(cfg: BenchmarkConfig) -> dict[str, ChosenHyper]:
+    """Each method's hyperparameters and where they came from, by the name ``cfg`` gives it."""
+    selections = Selections.for_run(cfg.selection_path, display_path(cfg.selection_path))
+    key = selection_key(cfg.dataset, cfg.scenario, cfg.arch)
+    return {name: choose(resolve(name), selections, key, cfg.lr, cfg.tolerance) for name in cfg.methods}
+
+
 def run_benchmark(cfg: BenchmarkConfig, progress: Progress | None = None) -> dict[str, Any]:
     """All seeds and methods of ``cfg``; see the module docstring for the record's layout."""
     specs = [(name, resolve(name)) for name in cfg.methods]
-    selection = load_selection(cfg.selection_path)
-    key = selection_key(cfg.dataset, cfg.scenario, cfg.arch)
-    chosen = {name: choose(spec, selection, key, cfg.lr, cfg.tolerance) for name, spec in specs}
+    chosen = choose_all(cfg)
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in ("retrain", "original", *chosen)}
     trajectories: dict[str, dict[str, Any]] = {}
     scenario_text = ""
@@ -191,16 +197,3 @@ def _row(label: str, kind: str, hyper: dict[str, Any] | None, source: str,
 def _tell(progress: Progress | None, message: str) -> None:
     if progress is not None:
         progress(message)
-
-
-def _display_path(path: Path | None) -> str | None:
-    """A path for the record that never names this machine's layout: repository-relative or ~/..."""
-    if path is None:
-        return None
-    resolved = Path(path).expanduser().resolve()
-    for base, prefix in ((REPO_ROOT, ""), (Path.home().resolve(), "~/")):
-        try:
-            return prefix + str(resolved.relative_to(base))
-        except ValueError:
-            continue
-    return resolved.name

@@ -75,8 +75,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    cli_args.check_distinct(parser, "--methods", cfg.methods, lambda name: resolved(name, cfg))
     if args.tolerance is not None and args.tolerance < 0:
-        explicit = [name for name in cfg.methods if method_of(name, cfg).needs_non_negative_tolerance]
+        explicit = [name for name in cfg.methods if resolved(name, cfg)[0].needs_non_negative_tolerance]
         if explicit:
             cli_args.fail(parser, "--tolerance", f"must be >= 0 for {', '.join(explicit)} (explicit surgery), "
                                                  f"got {args.tolerance:g}")
@@ -85,11 +86,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def method_of(name: str, cfg):
+def resolved(name: str, cfg):
+    """The method a name of --methods stands for, and whether it runs through the Trainer."""
     from .trainer import through_trainer
     from .training import resolve
 
-    return resolve(through_trainer(name) or name, cfg.unlearn)
+    base = through_trainer(name)
+    return resolve(base or name, cfg.unlearn), base is not None
 
 
 def config_from_args(args: argparse.Namespace):
