@@ -204,19 +204,21 @@ def check_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 # ---------------------------------------------------------------------------------- run
 
 
-def benchmark_config(args: argparse.Namespace):
+def benchmark_config(args: argparse.Namespace, **fields):
+    """The configuration that run and sweep share, completed by ``fields``."""
     from .evaluation.runner import BenchmarkConfig
+
+    return BenchmarkConfig(dataset=args.dataset, scenario=args.scenario, forget_class=args.forget_class,
+                           architecture=args.arch, train_epochs=args.train_epochs, device=args.device, **fields)
+
+
+def run_config(args: argparse.Namespace):
     from .evaluation.unlearning import Schedule
 
-    return BenchmarkConfig(
-        dataset=args.dataset, scenario=args.scenario, forget_class=args.forget_class,
-        seeds=tuple(args.seeds) if args.seeds else (args.seed,), methods=tuple(args.methods),
-        architecture=args.arch, train_epochs=args.train_epochs,
-        schedule=Schedule(epochs_override=args.epochs),
-        lr=args.lr, tolerance=args.tolerance, selection_path=args.selection,
-        cache_dir=None if args.no_cache else args.cache_dir, device=args.device,
-        measure_memory=not args.no_memory,
-    )
+    return benchmark_config(args, methods=tuple(args.methods), seeds=tuple(args.seeds) if args.seeds else (args.seed,),
+                            schedule=Schedule(epochs_override=args.epochs), lr=args.lr, tolerance=args.tolerance,
+                            selection_path=args.selection, cache_dir=None if args.no_cache else args.cache_dir,
+                            measure_memory=not args.no_memory)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -226,7 +228,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .methods import resolve
 
     check_run_arguments(args.parser, args)
-    cfg = benchmark_config(args)
+    cfg = run_config(args)
     if args.dry_run:
         chosen = choose_all(cfg)
         methods = {name: {"label": resolve(name).label, "hyper": c.hyper.describe(resolve(name)),
@@ -268,23 +270,14 @@ def write_outputs(record: dict, out: Path, stem: str, plot: bool) -> None:
 def sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .evaluation import sweep as sweep_module
     from .evaluation.threads import torch_threads
-
-    check_sweep_arguments(args.parser, args)
-    with torch_threads(args.threads):
-        return sweep_module.run(sweep_config(args), args.out, " ".join([f"{PROG} sweep", *argv[1:]]), args.quiet)
-
-
-def sweep_config(args: argparse.Namespace):
-    from .evaluation.sweep import SweepConfig
     from .evaluation.unlearning import Schedule
     from .methods import resolve
 
-    return SweepConfig(
-        dataset=args.dataset, scenario=args.scenario, forget_class=args.forget_class,
-        seeds=tuple(args.seeds), methods=tuple(resolve(m).name for m in args.methods),
-        architecture=args.arch, train_epochs=args.train_epochs, lr_grid=tuple(args.lrs),
-        schedule=Schedule(epochs=args.epochs), cache_dir=args.cache_dir, device=args.device,
-    )
+    check_sweep_arguments(args.parser, args)
+    cfg = benchmark_config(args, methods=tuple(resolve(m).name for m in args.methods), seeds=tuple(args.seeds),
+                           schedule=Schedule(epochs=args.epochs), cache_dir=args.cache_dir)
+    with torch_threads(args.threads):
+        return sweep_module.run(cfg, args.lrs, args.out, " ".join([f"{PROG} sweep", *argv[1:]]), args.quiet)
 
 
 def read_records(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> list[dict]:

@@ -27,7 +27,11 @@ every micro-batch and drives the optimizer in one of its two modes:
   the whole accumulated batch.
 
 Both losses are divided by the number of accumulated micro-batches, exactly as the Trainer does
-for its own loss.
+for its own loss. The backward passes are the step loop's own blocks
+(:func:`eupmu_unlearn.loop.explicit_backward`, :func:`~eupmu_unlearn.loop.implicit_backward`);
+the losses come from the one vocabulary (:mod:`eupmu_unlearn.losses`), and
+``EUPMUConfig.for_method("ungrad")`` (or any implicit or explicit method of
+:mod:`eupmu_unlearn.methods`) sets the mode and variant by the method's name.
 
 Logging. At logging steps only, the Trainer's log (``self.log``) gains ``forget_loss`` and
 ``retain_loss`` (means over the micro-batches since the last log), ``eupmu_w`` (implicit mode),

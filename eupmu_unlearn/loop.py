@@ -144,8 +144,7 @@ class Stepper:
         explicit_backward(self.opt, losses)
         self.opt.step()
         stats = self.opt.stats()
-        return {"forget_loss": losses.forget.detach(), "retain_loss": losses.retain.detach(),
-                "lambda": stats["lambda"].detach().clone(), "cos": stats["cos"].detach().clone()}
+        return {**_loss_record(losses), **{key: stats[key].detach().clone() for key in ("lambda", "cos")}}
 
     def _implicit(self, batch: Any) -> dict[str, Tensor]:
         losses = self.objective.losses(self.model, batch)
@@ -153,7 +152,7 @@ class Stepper:
         self.opt.step()
         if self.exact_dual:
             self._exact_dual_update(batch)
-        record = {"forget_loss": losses.forget.detach(), "retain_loss": losses.retain.detach()}
+        record = _loss_record(losses)
         if self.opt.w is not None:
             record["w"] = self.opt.w.detach().clone()
         return record
@@ -171,6 +170,10 @@ class Stepper:
         loss.backward()
         self.opt.step()
         return {f"{self.method.option}_loss": loss.detach()}
+
+
+def _loss_record(losses: Losses) -> dict[str, Tensor]:
+    return {"forget_loss": losses.forget.detach(), "retain_loss": losses.retain.detach()}
 
 
 def run_steps(stepper: Stepper, draw: Callable[[], Any], steps: int,

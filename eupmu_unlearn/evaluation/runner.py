@@ -8,7 +8,7 @@
      "trajectories": {"eupmu": {"seed": 0, "step": [...], "forget_acc": [...], ...}, ...}}
 
 where ROW = {"label", "kind", "hyper", "hyper_source", "per_seed": [metrics...], "mean": {...},
-"std": {...}} and metrics are :class:`~eupmu_kernels.evaluation.metrics.UnlearningMetrics`
+"std": {...}} and metrics are :class:`~eupmu_unlearn.evaluation.metrics.UnlearningMetrics`
 dictionaries (UA, RA, TA, TA_all, MIA, RTE, peak_tensor_mib, gap, ...).
 """
 

@@ -12,7 +12,7 @@ selection file (default ``runs/eupmu-unlearn/hparams.json``), which
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..methods import LR_GRID, Hyper, Method, resolve
 from .progress import progress_bar
-from .runner import DEFAULT_METHODS, BenchmarkConfig, Progress, SeedContext, prepare_seed, run_method
+from .runner import BenchmarkConfig, Progress, SeedContext, prepare_seed, run_method
 from .selection import selection_key, store_entry
 from .unlearning import Schedule
 
@@ -33,44 +33,28 @@ CRITERION = ("mean over seeds of the average |metric - retrained| over UA, RA, T
              "with the validation split in place of the test split")
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    dataset: str = "digits"
-    scenario: str = "class"
-    forget_class: int = 0
-    seeds: tuple[int, ...] = SWEEP_SEEDS
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    architecture: str | None = None
-    train_epochs: int | None = None
-    lr_grid: tuple[float, ...] = LR_GRID
-    schedule: Schedule = field(default_factory=Schedule)
-    cache_dir: Path | None = None
-    device: str = "cpu"
-
-    def benchmark(self) -> BenchmarkConfig:
-        return BenchmarkConfig(dataset=self.dataset, scenario=self.scenario, forget_class=self.forget_class,
-                               seeds=self.seeds, architecture=self.architecture,
-                               train_epochs=self.train_epochs, schedule=self.schedule,
-                               cache_dir=self.cache_dir, device=self.device, heldout="val",
-                               measure_memory=False, trace_points=0, selection_path=None)
+def on_validation(cfg: BenchmarkConfig) -> BenchmarkConfig:
+    """``cfg`` as a sweep runs it: the validation split held out, no memory probe, no trajectories."""
+    return replace(cfg, heldout="val", measure_memory=False, trace_points=0, selection_path=None)
 
 
-def sweep(cfg: SweepConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the grid for every method; returns the selection entry (not yet stored)."""
-    bench = cfg.benchmark()
-    contexts = [prepare_seed(bench, seed) for seed in cfg.seeds]
+def sweep(cfg: BenchmarkConfig, lr_grid: Sequence[float] = LR_GRID,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Run the grid for every method of ``cfg``; returns the selection entry (not yet stored)."""
+    bench = on_validation(cfg)
+    contexts = [prepare_seed(bench, seed) for seed in bench.seeds]
     chosen: dict[str, Any] = {}
-    for name in cfg.methods:
+    for name in bench.methods:
         spec = resolve(name)
         grid = [_grid_point(spec, Hyper(lr, knob), contexts, bench, progress)
-                for lr in cfg.lr_grid for knob in spec.knob_grid]
+                for lr in lr_grid for knob in spec.knob_grid]
         best = min(grid, key=lambda point: point["val_gap"])  # ties: the earlier grid point
         chosen[spec.name] = {"lr": best["lr"], "knob_name": spec.knob, "knob": best["knob"],
                              "val_gap": best["val_gap"], "grid": grid}
     retrain = [ctx.retrain_metrics.to_dict() for ctx in contexts]
-    return {"seeds": list(cfg.seeds), "forget_class": cfg.forget_class if cfg.scenario == "class" else None,
-            "heldout": "val", "criterion": CRITERION, "lr_grid": list(cfg.lr_grid),
-            "schedule": _schedule_dict(cfg.schedule),
+    return {"seeds": list(bench.seeds), "forget_class": bench.forget_class if bench.scenario == "class" else None,
+            "heldout": "val", "criterion": CRITERION, "lr_grid": list(lr_grid),
+            "schedule": _schedule_dict(bench.schedule),
             "retrain_val": {k: float(np.mean([r[k] for r in retrain])) for k in ("UA", "RA", "TA", "MIA")},
             "methods": chosen}
 
@@ -92,12 +76,12 @@ def _schedule_dict(schedule: Schedule) -> dict[str, Any]:
                                               "weight_decay", "exact_dual")}
 
 
-def run(cfg: SweepConfig, out: Path, command: str, quiet: bool = False) -> int:
+def run(cfg: BenchmarkConfig, lr_grid: Sequence[float], out: Path, command: str, quiet: bool = False) -> int:
     """Sweep, store the winners under the run's key in ``out`` and print them."""
-    units = sum(len(cfg.lr_grid) * len(resolve(m).knob_grid) for m in cfg.methods)
+    units = sum(len(lr_grid) * len(resolve(m).knob_grid) for m in cfg.methods)
     with progress_bar(units, "sweep", enabled=not quiet) as progress:
-        entry = sweep(cfg, progress)
-    key = selection_key(cfg.dataset, cfg.scenario, cfg.benchmark().arch)
+        entry = sweep(cfg, lr_grid, progress)
+    key = selection_key(cfg.dataset, cfg.scenario, cfg.arch)
     for choice in entry["methods"].values():
         choice["command"] = command
     store_entry(out, key, entry, {"description": DESCRIPTION})
