@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FORGET_LOSSES = ("ga", "npo", "random-label")
-POSITIVE_FORGET_LOSSES = ("npo", "random-label")  # usable with the log transform of the "reference" dual
 NPO_BETA = 0.1
 
 
@@ -62,10 +61,6 @@ def forget_loss(name: str, side: Side, npo_beta: float = NPO_BETA) -> Tensor:
     if name == "random-label":
         return side.random_label_cross_entropy()
     raise ValueError(f"forget loss must be one of {', '.join(FORGET_LOSSES)}, got {name!r}")
-
-
-def retain_loss(side: Side) -> Tensor:
-    return side.cross_entropy()
 
 
 def npo(log_ratio: Tensor, beta: float) -> Tensor:

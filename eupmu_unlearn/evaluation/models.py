@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -159,6 +159,3 @@ def load_or_train(cache_dir: Path | None, key: str, make: Callable[[], nn.Module
         meta_path.write_text(json.dumps({"key": key, "train_seconds": seconds}))
     return CachedModel(model, False, seconds)
 
-
-def recipe_fields(recipe: TrainRecipe) -> dict[str, object]:
-    return asdict(recipe)
