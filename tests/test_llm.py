@@ -14,16 +14,17 @@ import torch
 
 pytest.importorskip("transformers")
 
-from eupmu_kernels.evaluation import tofu  # noqa: E402
-from eupmu_kernels.llm import cli, model as llm_model  # noqa: E402
-from eupmu_kernels.llm.codec import WordCodec  # noqa: E402
-from eupmu_kernels.llm.data import FACT_KINDS, make_mini_tofu, world_facts  # noqa: E402
-from eupmu_kernels.llm.pipeline import BaseModel, PipelineConfig, run_pipeline  # noqa: E402
-from eupmu_kernels.llm.profiling import measure  # noqa: E402
-from eupmu_kernels.llm.scoring import answer_logprobs, greedy_answers, score_split  # noqa: E402
-from eupmu_kernels.llm.training import (IGNORE, METHODS, FinetuneConfig, UnlearnConfig,  # noqa: E402
-                                        encode_example, finetune, nll_loss, npo_loss, qa_batch,
-                                        sequence_logprob, unlearn)
+from eupmu_unlearn.llm import tofu  # noqa: E402
+from eupmu_unlearn.llm import cli, model as llm_model  # noqa: E402
+from eupmu_unlearn.llm.codec import WordCodec  # noqa: E402
+from eupmu_unlearn.methods import METHODS as METHODS_REGISTRY  # noqa: E402
+from eupmu_unlearn.llm.data import FACT_KINDS, make_mini_tofu, world_facts  # noqa: E402
+from eupmu_unlearn.llm.pipeline import BaseModel, PipelineConfig, run_pipeline  # noqa: E402
+from eupmu_unlearn.llm.scoring import answer_logprobs, greedy_answers, score_split  # noqa: E402
+from eupmu_unlearn.llm.tokens import (IGNORE_INDEX, causal_lm_loss, encode_example,  # noqa: E402
+                                      scored_tokens, sequence_log_prob, text_forget_loss)
+from eupmu_unlearn.llm.training import (METHODS, SUPPORTED, FinetuneConfig, UnlearnConfig, finetune,  # noqa: E402
+                                        qa_batch, unlearn)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,23 +92,24 @@ def test_mini_tofu_rejects_bad_arguments():
 
 def test_word_codec_and_prompt_masking(codec, data):
     item = data.forget[0]
-    ids, labels = encode_example(codec, item.question, item.answer)
+    example = encode_example(codec, item.question, item.answer)
+    ids, labels = example["input_ids"], example["labels"]
     prompt = codec.prompt_ids(item.question)
-    assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [IGNORE] * len(prompt)
+    assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert labels[len(prompt):] == ids[len(prompt):] and ids[-1] == codec.end_id
     assert codec.decode(codec.answer_ids(item.answer)).replace(" ", "") == item.answer.replace(" ", "")
-    assert encode_example(codec, item.question, item.answer, with_end=False)[0][-1] != codec.end_id
+    assert encode_example(codec, item.question, item.answer, with_end=False)["input_ids"][-1] != codec.end_id
 
 
 def test_sequence_logprob_ignores_padding(trained, codec, data):
     items = [data.forget[0], data.retain[3]]
     batch = qa_batch(codec, items, torch.device("cpu"))
-    assert batch.input_ids.shape[0] == 2 and (batch.attention_mask.sum(1) > 0).all()
+    assert batch["input_ids"].shape[0] == 2 and (batch["attention_mask"].sum(1) > 0).all()
     with torch.no_grad():
-        together, counts = sequence_logprob(trained, batch)
-        alone = [sequence_logprob(trained, qa_batch(codec, [it], torch.device("cpu")))[0][0] for it in items]
+        together = sequence_log_prob(trained, batch)
+        alone = [sequence_log_prob(trained, qa_batch(codec, [it], torch.device("cpu")))[0] for it in items]
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
-    assert counts.tolist() == [len(codec.answer_ids(it.answer)) + 1 for it in items]
+    assert scored_tokens(batch).tolist() == [len(codec.answer_ids(it.answer)) + 1 for it in items]
 
 
 def test_greedy_answers_batched_equals_one_by_one(trained, codec, data):
@@ -128,29 +130,36 @@ def test_finetuning_memorises_the_answers(trained, codec, data):
 def test_npo_loss_at_the_reference_is_two_log_two_over_beta(trained, codec, data):
     batch = qa_batch(codec, data.forget, torch.device("cpu"))
     with torch.no_grad():
-        reference, _ = sequence_logprob(trained, batch)
-        loss = npo_loss(trained, batch, reference, beta=0.1)
+        reference = sequence_log_prob(trained, batch)
+        loss = text_forget_loss("npo", trained, batch, reference, npo_beta=0.1)
     assert loss.item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_unlearns_through_eupmu(method, trained, codec, data):
+@pytest.mark.parametrize("method", [m.name for m in SUPPORTED])
+def test_every_method_unlearns(method, trained, codec, data):
     model = fresh_copy(trained)
     forget_batch = qa_batch(codec, data.forget, torch.device("cpu"))
     with torch.no_grad():
-        before = nll_loss(model, forget_batch).item()
+        before = causal_lm_loss(model, forget_batch).item()
     cfg = UnlearnConfig(steps=3, lr=3e-3, forget_batch_size=5, retain_batch_size=5, dual_lr=1e-3)
     trace = unlearn(method, model, codec, data.forget, data.retain, cfg)
     with torch.no_grad():
-        after = nll_loss(model, forget_batch).item()
-    assert after > before  # the forget answers became less likely
-    assert len(trace.forget_loss) == len(trace.multiplier) == 3
-    assert all(math.isfinite(x) for x in trace.forget_loss + trace.multiplier)
-    assert all(m >= 0 for m in trace.multiplier)
-    has_retain = method not in ("ga", "npo")
+        after = causal_lm_loss(model, forget_batch).item()
+    has_forget, has_retain = method != "ft", method not in ("ga", "npo")
+    if has_forget:
+        assert after > before  # the forget answers became less likely
+    assert len(trace.forget_loss) == len(trace.retain_loss) == len(trace.multiplier) == 3
+    assert all(math.isfinite(x) for x in trace.multiplier) and all(m >= 0 for m in trace.multiplier)
+    assert all(math.isfinite(x) == has_forget for x in trace.forget_loss)
     assert all(math.isfinite(x) == has_retain for x in trace.retain_loss)
-    if method in ("graddiff", "npo_graddiff"):
+    if method in ("graddiff", "npo-graddiff"):
         assert trace.multiplier == pytest.approx([cfg.graddiff_alpha] * 3)
+
+
+def test_text_runs_every_method_but_random_labels():
+    assert "rl" not in [m.name for m in SUPPORTED] and len(SUPPORTED) == len(METHODS_REGISTRY) - 1
+    with pytest.raises(ValueError, match="class labels"):
+        unlearn("rl", None, None, (), (), UnlearnConfig(steps=1))
 
 
 def test_eupmu_forget_loss_choice(trained, codec, data):
@@ -166,19 +175,19 @@ def test_eupmu_forget_loss_choice(trained, codec, data):
         unlearn("retrain", fresh_copy(trained), codec, data.forget, data.retain, UnlearnConfig(steps=1))
 
 
-@pytest.mark.parametrize("method", ["eupmu_implicit_hf", "eupmu_explicit_hf"])
-def test_eupmu_through_the_hugging_face_trainer(method, trained, codec, data):
+@pytest.mark.parametrize("method", ["eupmu-hf", "eupmu_explicit_hf", "npo-graddiff-hf"])
+def test_methods_through_the_hugging_face_trainer(method, trained, codec, data):
     pytest.importorskip("accelerate")
-    from eupmu_kernels.llm.trainer import unlearn_with_trainer
+    from eupmu_unlearn.llm.trainer import unlearn_with_trainer
 
     model = fresh_copy(trained)
     forget_batch = qa_batch(codec, data.forget, torch.device("cpu"))
     with torch.no_grad():
-        before = nll_loss(model, forget_batch).item()
+        before = causal_lm_loss(model, forget_batch).item()
     cfg = UnlearnConfig(steps=3, lr=3e-3, forget_batch_size=5, retain_batch_size=5, dual_lr=1e-3)
     trace = unlearn_with_trainer(method, model, codec, data.forget, data.retain, cfg)
     with torch.no_grad():
-        assert nll_loss(model, forget_batch).item() > before
+        assert causal_lm_loss(model, forget_batch).item() > before
     assert len(trace.forget_loss) == 3 and all(math.isfinite(x) for x in trace.forget_loss + trace.retain_loss)
     assert all(m >= 0 for m in trace.multiplier)
 
@@ -205,33 +214,26 @@ def test_model_cache_roundtrip(tmp_path, trained):
     assert llm_model.fingerprint({"a": 1}) != llm_model.fingerprint({"a": 2})
 
 
-def test_measure_reports_time_and_memory():
-    with measure(torch.device("cpu"), interval_s=0.001) as usage:
-        block = torch.ones(8 * 1024 * 1024)  # 32 MB
-        block.add_(1.0)
-    assert usage.seconds > 0 and usage.peak_bytes >= usage.start_bytes > 0
-    assert set(usage.as_dict()) == {"seconds", "start_mb", "peak_mb", "extra_peak_mb"}
-
-
 # ------------------------------------------------------------------------------------------ pipeline, CLI
 
 def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, codec, data):
     cfg = PipelineConfig(seed=3, n_authors=4, forget_fraction=0.25, n_perturbed=3, n_world=3, retain_eval_size=5,
-                         max_new_tokens=12, methods=("ga", "eupmu_implicit", "eupmu_explicit"),
+                         max_new_tokens=12, methods=("ga", "eupmu", "ungrad"),
                          finetune=FinetuneConfig(epochs=4, batch_size=8, lr=1e-2, warmup_steps=1),
                          unlearn=UnlearnConfig(steps=2, lr=1e-3, forget_batch_size=5, retain_batch_size=5))
     base = BaseModel(model=llm_model.tiny_llama(codec.vocab_size, seed=0), codec=codec, name="tiny")
     record = run_pipeline(cfg, tmp_path / "out", tmp_path / "cache", base=base, progress=lambda _: None)
-    assert set(record["models"]) == {"target", "oracle", "ga", "eupmu_implicit", "eupmu_explicit"}
+    assert set(record["models"]) == {"target", "oracle", "ga", "eupmu", "ungrad"}
     assert record["models"]["oracle"]["metrics"]["forget_quality"] == pytest.approx(1.0)
-    for name in ("ga", "eupmu_implicit", "eupmu_explicit"):
+    for name in ("ga", "eupmu", "ungrad"):
         entry = record["models"][name]
-        assert entry["unlearn"]["seconds"] > 0 and len(entry["trace"]["forget_loss"]) == 2
+        assert entry["unlearn"]["seconds"] > 0 and entry["unlearn"]["peak_tensor_mib"] > 0
+        assert len(entry["trace"]["forget_loss"]) == 2
         assert 0 <= entry["metrics"]["forget_quality"] <= 1 and entry["metrics"]["model_utility"] >= 0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["data"]["forget_authors"] == list(data.forget_authors)
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "eupmu_implicit" in table and "forget quality" in table
+    assert "eupmu" in table and "forget quality" in table
     assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 0
     assert not record["target_finetune"]["cached"]
 
@@ -276,7 +278,7 @@ def test_quick_pipeline_on_smollm2(tmp_path):
     assert models["oracle"]["metrics"]["forget_quality"] == pytest.approx(1.0)
     # the target learned the forget facts that the oracle never saw
     assert models["target"]["metrics"]["forget"]["rouge_l"] > models["oracle"]["metrics"]["forget"]["rouge_l"]
-    for name in ("ga", "eupmu_implicit", "eupmu_explicit"):
+    for name in ("ga", "eupmu", "ungrad"):
         metrics = models[name]["metrics"]
         assert metrics["forget"]["probability"] < models["target"]["metrics"]["forget"]["probability"]
         assert math.isfinite(metrics["model_utility"]) and 0 <= metrics["forget_quality"] <= 1

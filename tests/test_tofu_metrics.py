@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eupmu_kernels.evaluation import tofu
+from eupmu_unlearn.llm import tofu
 
 LOG = math.log
 

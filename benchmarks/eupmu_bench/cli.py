@@ -1,0 +1,197 @@
+"""``eupmu-bench``: step time of EUPMU against naive surgery, composed torch and fused AdamW.
+
+Prints a table, writes ``results.json``, ``results.md`` and ``step_time.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eupmu_unlearn import cli_args
+
+from .baselines import Settings
+from .machine import load_average
+from .methods import METHODS, resolve_methods
+from .plot import plot_step_times
+from .report import (format_skipped, format_targets, largest_size_only, markdown_report, markdown_table, targets,
+                     write_json)
+from .runner import BACKEND_NAMES, RunConfig, run
+from .workloads import FAMILIES
+
+PROG = "eupmu-bench"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    sizes: tuple[float, ...]
+    repeats: int
+    warmup: int
+    bandwidth_numel: float
+
+
+# Full runs go to the largest size that fits comfortably: ~5e7 on a CPU, ~1e9 fp32 on an 80 GB GPU.
+DEFAULTS = {
+    ("cpu", False): Defaults((1e6, 3e6, 1e7, 2e7, 5e7), 10, 2, 1e8),
+    ("cpu", True): Defaults((1e6, 3e6), 3, 1, 2e7),
+    ("cuda", False): Defaults((1e6, 1e7, 1e8, 1e9), 20, 3, 2.5e8),
+    ("cuda", True): Defaults((1e7, 1e8), 10, 3, 1e8),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli_args.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for results.json/.md and the PNG")
+    p.add_argument("--device", type=cli_args.device(allow_auto=True), default="auto",
+                   help="auto (cuda when available), cpu, cuda or cuda:N")
+    cli_args.add_list_option(p, "--models", cli_args.one_of(sorted(FAMILIES), "model"), ("gpt2",),
+                             "comma-separated tensor layouts to scale (default gpt2)")
+    cli_args.add_list_option(p, "--sizes", cli_args.count, None,
+                             "comma-separated total parameter counts, e.g. 1e6,2e7")
+    cli_args.add_list_option(p, "--dtypes", cli_args.one_of(sorted(DTYPES), "dtype"), ("float32", "bfloat16"),
+                             "comma-separated parameter dtypes (default float32,bfloat16)")
+    cli_args.add_list_option(p, "--methods", cli_args.one_of(("all", *METHODS), "method"), ("all",),
+                             f"'all' or some of: {', '.join(METHODS)}")
+    cli_args.add_list_option(p, "--backends", cli_args.one_of(BACKEND_NAMES, "backend"), BACKEND_NAMES,
+                             "comma-separated kernel backends for our optimizer (those that cannot run are skipped "
+                             "and listed)")
+    p.add_argument("--repeats", type=cli_args.integer(1), help="timed steps per case (median reported)")
+    p.add_argument("--warmup", type=cli_args.integer(0),
+                   help="untimed steps per case before timing (at least 1 is run)")
+    p.add_argument("--state-dtype", choices=("param", "float32"), default="param",
+                   help="our optimizer's moment dtype (torch.optim always uses the parameter dtype)")
+    p.add_argument("--bandwidth-numel", type=cli_args.count, help="elements of the copy-bandwidth measurement")
+    p.add_argument("--allow-interpreter", action="store_true", help="time Triton on CPU (interpreter) too")
+    p.add_argument("--threads", type=cli_args.integer(1),
+                   help="torch CPU threads (default: torch's choice, recorded in the results)")
+    p.add_argument("--seed", type=cli_args.seed, default=0)
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--list-methods", action="store_true", help="describe the methods and exit")
+    return p
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the parser alone cannot check; the output folder is created (and probed) last."""
+    if "all" in args.methods and len(args.methods) > 1:
+        cli_args.fail(parser, "--methods", "'all' cannot be combined with other methods")
+    cli_args.check_output_dir(parser, "--out", args.out)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of a checked ``--device`` value (``auto``: cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_config(args: argparse.Namespace) -> RunConfig:
+    device = resolve_device(args.device)
+    defaults = DEFAULTS[(device.type if device.type == "cuda" else "cpu", args.quick)]
+    settings = Settings(state_dtype=torch.float32 if args.state_dtype == "float32" else None)
+    return RunConfig(
+        device=device,
+        models=list(dict.fromkeys(args.models)),
+        sizes=sorted(set(args.sizes or [int(s) for s in defaults.sizes])),
+        dtypes=list(dict.fromkeys(DTYPES[d] for d in args.dtypes)),
+        methods=resolve_methods(list(dict.fromkeys(args.methods))),
+        backends=list(dict.fromkeys(args.backends)),
+        repeats=defaults.repeats if args.repeats is None else args.repeats,
+        warmup=defaults.warmup if args.warmup is None else args.warmup,
+        settings=settings,
+        bandwidth_numel=args.bandwidth_numel or int(defaults.bandwidth_numel),
+        allow_interpreter=args.allow_interpreter,
+        seed=args.seed,
+    )
+
+
+def warn_if_busy(config: RunConfig) -> None:
+    """Other work on the CPUs disturbs the timings, and intra-op threads then wait on each other."""
+    load, cpus = load_average(), os.cpu_count() or 1
+    if config.device.type == "cpu" and load is not None and load > cpus:
+        print(f"eupmu-bench: the 1-minute load average is {load:.1f} on {cpus} CPUs, so other work will disturb "
+              "the timings; on a busy machine --threads 1 runs far faster and steadier", file=sys.stderr)
+
+
+def _progress_factory(enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return lambda total: tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+def write_outputs(results: dict[str, Any], out: Path, plot: bool) -> list[Path]:
+    """results.json, results.md and (when asked and there is something to plot) the PNG, each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md"]
+    with cli_args.atomic_path(written[0]) as tmp:
+        write_json(results, tmp)
+    cli_args.write_text_atomic(written[1], markdown_report(results))
+    png = out / "step_time.png"
+    title = f"{results['machine'].get('gpu') or results['machine']['cpu_model']}: {results['command']}"
+    if plot:
+        with cli_args.atomic_path(png) as tmp:
+            if plot_step_times(results["records"], tmp, title):
+                written.append(png)
+    return written
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    m, bw = results["machine"], results["bandwidth"]
+    print(f"{m['date']}  {m.get('gpu') or m['cpu_model']}  torch {m['torch']}  triton {m['triton']}")
+    print(f"copy bandwidth ceiling {bw['ceiling_gbps']:.1f} GB/s ({bw['start']['kernel']}, "
+          f"{bw['start']['bytes_per_element']} B/elem); memory: {results['memory_source']}")
+    load = results["load_average"]
+    if load["start"] is not None:
+        print(f"1-minute load average {load['start']:.2f} at the start, {load['end']:.2f} at the end "
+              f"({m['cpu_count']} CPUs): a load above the CPU count means other work disturbed the timings")
+    print()
+    print(markdown_table(results["records"]))
+    checks = [c for c in largest_size_only(results["targets"]) if c["value"] is not None]
+    if checks:
+        print("\nspeed targets at the largest size (measured, informative):")
+        print(format_targets(checks))
+    if results["skipped"]:
+        print()
+        print(format_skipped(results["skipped"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_methods:
+        for method in METHODS.values():
+            print(f"{method.name:24s} {method.kind:8s} {method.description}")
+        return 0
+    check_arguments(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = make_config(args)
+    warn_if_busy(config)
+    command = "eupmu-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    results = run(config, command, _progress_factory(not args.no_progress))
+    results["targets"] = targets(results["records"])
+    print_summary(results)
+    written = write_outputs(results, args.out, plot=not args.no_plot)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    failed = [s for s in results["skipped"] if s.get("failed")]
+    if failed:
+        print(f"{len(failed)} case(s) failed (see above and results.json)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

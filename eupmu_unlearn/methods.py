@@ -1,0 +1,149 @@
+"""The unlearning methods, one registry for every application (docs/design.md, Applications).
+
+A method is a way to take an unlearning step (:mod:`eupmu_unlearn.loop`). Its ``family`` picks
+the step and ``option`` the variant:
+
+- ``implicit``: one backward pass through ``EUPMU.combine``; option: the dual preset;
+- ``explicit``: retain and forget backward passes, the surgery in ``EUPMU.step``; option: the
+  surgery rule;
+- ``plain``: one loss, one backward pass, the base rule's ``torch.optim`` optimizer; option: the
+  objective (``forget``: the forget loss alone, ``retain``: the retain loss alone, ``relabel``:
+  the cross-entropy of forget samples with random labels and retain samples, as one batch).
+
+================  ========  =========  ============  =========  ==================================
+name              family    option     forget loss   knob       notes
+================  ========  =========  ============  =========  ==================================
+eupmu-paper       implicit  paper      application   dual_lr    projected dual ascent on w
+eupmu-reference   implicit  reference  application   err        the authors' practice: Adam on w
+ungrad            explicit  ungrad     application   tolerance  d = g_f + lambda* g_r
+pcgrad            explicit  pcgrad     application   epochs
+graddiff          explicit  graddiff   ga            alpha      d = g_f + alpha g_r
+npo-graddiff      explicit  graddiff   npo           alpha
+famo              implicit  famo       application   dual_lr
+ga                plain     forget     ga            epochs
+npo               plain     forget     npo           epochs
+rl                plain     relabel    random-label  epochs     classification only
+ft                plain     retain     none          epochs
+================  ========  =========  ============  =========  ==================================
+
+"application" means the application's default forget loss: random-label cross-entropy on
+classes, NPO on text (:mod:`eupmu_unlearn.losses`). ``eupmu`` names the default dual preset
+(``eupmu-reference``, the better one on the end-to-end benchmark). Spellings of earlier versions
+are accepted as aliases (:data:`OLD_SPELLINGS`).
+
+The knob grids and the built-in ``default`` values are the image benchmark's tuning budget
+(:mod:`eupmu_unlearn.evaluation.sweep`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+FAMILIES = ("implicit", "explicit", "plain")
+PLAIN_OBJECTIVES = ("forget", "retain", "relabel")
+DEFAULT_DUAL = "reference"
+LR_GRID = (0.0003, 0.001, 0.003, 0.01)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    family: str
+    option: str  # dual preset (implicit), surgery rule (explicit) or objective (plain)
+    forget_loss: str | None  # None: the application's default forget loss
+    knob: str | None  # "tolerance", "err", "alpha", "dual_lr" or "epochs"
+    knob_grid: tuple[float, ...]
+    default: tuple[float, float]  # (lr, knob) when no stored selection covers a run
+    takes_tolerance: bool = False  # accepts a tolerance besides its knob (0 unless overridden)
+
+    @property
+    def uses_forget_loss(self) -> bool:
+        return not (self.family == "plain" and self.option == "retain")
+
+    @property
+    def needs_non_negative_tolerance(self) -> bool:
+        """Explicit surgery: a negative tolerance would ask the surgery to undo retain progress."""
+        return self.knob == "tolerance"
+
+    def forget_loss_or(self, default: str) -> str:
+        """The forget loss this method uses in an application whose default is ``default``."""
+        return self.forget_loss or default
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("eupmu-paper", "EUPMU (paper dual)", "implicit", "paper", None, "dual_lr", (0.01, 0.1, 1.0),
+           (0.001, 1.0), takes_tolerance=True),
+    Method("eupmu-reference", "EUPMU (reference dual)", "implicit", "reference", None, "err", (0.01, 0.03, 0.05),
+           (0.001, 0.01)),
+    Method("ungrad", "UNGrad (explicit)", "explicit", "ungrad", None, "tolerance", (0.0, 0.1, 1.0), (0.001, 0.0)),
+    Method("pcgrad", "PCGrad", "explicit", "pcgrad", None, "epochs", (2, 5, 10), (0.001, 10)),
+    Method("graddiff", "GradDiff", "explicit", "graddiff", "ga", "alpha", (1.0, 3.0, 10.0), (0.001, 10.0)),
+    Method("npo-graddiff", "NPO + GradDiff", "explicit", "graddiff", "npo", "alpha", (1.0, 3.0, 10.0),
+           (0.001, 10.0)),
+    Method("famo", "FAMO", "implicit", "famo", None, "dual_lr", (0.0025, 0.025, 0.25), (0.01, 0.25)),
+    Method("ga", "GA", "plain", "forget", "ga", "epochs", (1, 2, 5), (0.001, 5)),
+    Method("npo", "NPO", "plain", "forget", "npo", "epochs", (1, 2, 5), (0.001, 5)),
+    Method("rl", "RL", "plain", "relabel", "random-label", "epochs", (2, 5, 10), (0.003, 10)),
+    Method("ft", "FT", "plain", "retain", None, "epochs", (2, 5, 10), (0.01, 10)),
+)}
+OLD_SPELLINGS = {"eupmu_implicit": "eupmu", "eupmu_explicit": "ungrad", "npo_graddiff": "npo-graddiff"}
+
+
+def resolve(name: str, dual: str = DEFAULT_DUAL) -> Method:
+    """The method behind a name, ``eupmu`` (the ``dual`` preset) or an old spelling."""
+    key = OLD_SPELLINGS.get(name, name)
+    if key == "eupmu":
+        key = f"eupmu-{dual}"
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(names())}")
+    return METHODS[key]
+
+
+def names(methods: tuple[Method, ...] | None = None) -> tuple[str, ...]:
+    """``eupmu`` (the default dual preset) and the canonical names of ``methods`` (default: all)."""
+    chosen = tuple(METHODS.values()) if methods is None else methods
+    return ("eupmu", *(m.name for m in chosen))
+
+
+def available(forget_losses: tuple[str, ...], default_forget_loss: str) -> tuple[Method, ...]:
+    """The methods an application can run with the forget losses it can compute."""
+    return tuple(m for m in METHODS.values()
+                 if not m.uses_forget_loss or m.forget_loss_or(default_forget_loss) in forget_losses)
+
+
+def describe(methods: tuple[Method, ...], default_forget_loss: str) -> str:
+    """One line per method (for ``--help``): name, label, family and option, forget loss, knob."""
+    lines = []
+    for m in methods:
+        loss = m.forget_loss_or(default_forget_loss) if m.uses_forget_loss else "-"
+        lines.append(f"  {m.name:16s} {m.label:23s} {m.family} ({m.option}), forget loss {loss}, "
+                     f"tuned knob {m.knob}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A method's tuned values: learning rate and its one knob (and a tolerance, where it takes one)."""
+
+    lr: float
+    knob: float | None = None
+    tolerance: float | None = None
+
+    def describe(self, method: Method) -> dict[str, float | None]:
+        out = {"lr": self.lr, method.knob or "knob": self.knob}
+        if self.tolerance is not None:
+            out["tolerance"] = self.tolerance
+        return out
+
+
+def optimizer_options(method: Method, hyper: Hyper) -> dict[str, float]:
+    """The ``EUPMU`` keyword arguments that ``hyper`` sets (the learning rate and length are not among them)."""
+    options = {} if hyper.tolerance is None else {"tolerance": hyper.tolerance}
+    if hyper.knob is None or method.knob in (None, "epochs"):
+        return options
+    if method.knob == "err":  # the authors' err demands a retain improvement: tolerance = -err
+        return {**options, "tolerance": -hyper.knob}
+    return {**options, method.knob: hyper.knob}
+
