@@ -1,6 +1,10 @@
-"""``eupmu-bench``: step time of EUPMU against naive surgery, composed torch and fused AdamW.
+"""``eupmu-bench``: what EUPMU costs against naive surgery, composed torch and fused AdamW.
 
-Prints a table, writes ``results.json``, ``results.md`` and ``step_time.png`` into ``--out``.
+    eupmu-bench [step] [options]       the optimizer step alone, on model-shaped tensors (default)
+    eupmu-bench iteration [options]    whole iterations with real autograd on a causal LM
+
+``step`` prints a table and writes ``results.json``, ``results.md`` and ``step_time.png`` into
+``--out``; ``iteration`` writes ``iteration.json`` and ``iteration.md``.
 """
 
 from __future__ import annotations
@@ -169,7 +173,68 @@ def print_summary(results: dict[str, Any]) -> None:
         print(format_skipped(results["skipped"]))
 
 
+def build_iteration_parser() -> argparse.ArgumentParser:
+    from .iteration import METHODS as ITERATION_METHODS
+
+    p = cli_args.Parser(prog=f"{PROG} iteration", description="Whole unlearning iterations with real autograd: "
+                        "seconds per iteration, the step's share, the price over GradDiff, page faults, peak memory.")
+    p.add_argument("--model", choices=("synthetic", "smollm2"), default="synthetic",
+                   help="synthetic: a Llama-shaped decoder of --size parameters; smollm2: SmolLM2-135M (llm extra)")
+    p.add_argument("--size", type=cli_args.count, default=int(2e7), help="parameters of the synthetic model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--batch", type=cli_args.integer(1), default=1)
+    p.add_argument("--seq", type=cli_args.integer(2), default=32)
+    p.add_argument("--rounds", type=cli_args.integer(1), default=3)
+    p.add_argument("--iterations", type=cli_args.integer(1), default=5, help="timed iterations per method and round")
+    p.add_argument("--warmup", type=cli_args.integer(0), default=2)
+    cli_args.add_list_option(p, "--methods", cli_args.one_of(tuple(ITERATION_METHODS), "method"),
+                             tuple(ITERATION_METHODS), f"comma-separated, of: {', '.join(ITERATION_METHODS)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--threads", type=cli_args.integer(1))
+    p.add_argument("--device", type=cli_args.device(allow_auto=True), default="auto")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-iteration"))
+    return p
+
+
+def iteration_main(argv: list[str]) -> int:
+    from .iteration import IterationConfig, format_table, run_iterations, smollm2
+
+    parser = build_iteration_parser()
+    args = parser.parse_args(argv)
+    cli_args.check_output_dir(parser, "--out", args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    config = IterationConfig(numel=args.size, dtype=dtype, device=device, batch=args.batch, seq=args.seq,
+                             rounds=args.rounds, iterations=args.iterations, warmup=args.warmup,
+                             methods=tuple(dict.fromkeys(args.methods)), memory=not args.no_memory)
+    model, vocab = smollm2(dtype, device) if args.model == "smollm2" else (None, None)
+    progress = None if not sys.stderr.isatty() else (lambda text: print(text, file=sys.stderr))
+    load_start = load_average()
+    result = run_iterations(config, model, vocab, progress)
+    from .machine import machine_info
+
+    result.update({"command": "eupmu-bench iteration " + shlex.join(argv), "model": args.model,
+                   "machine": machine_info(device), "threads": torch.get_num_threads(), "batch": args.batch,
+                   "seq": args.seq, "dtype": args.dtype,
+                   "load_average": {"start": load_start, "end": load_average()}})
+    table = format_table(result)
+    print(f"{result['command']}\n{result['numel']:,} parameters, {args.batch} x {args.seq} tokens per side, "
+          f"{result['threads']} threads, load {load_start} -> {result['load_average']['end']}\n")
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with cli_args.atomic_path(args.out / "iteration.json") as tmp:
+        write_json(result, tmp)
+    cli_args.write_text_atomic(args.out / "iteration.md", f"`{result['command']}`\n\n{table}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "iteration":
+        return iteration_main(argv[1:])
+    if argv and argv[0] == "step":
+        argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_methods:

@@ -7,7 +7,8 @@ from functools import partial
 from typing import Callable
 
 from . import bytes_model as bm
-from .baselines import PreparedStep, Settings, prepare_composed, prepare_fused_adamw, prepare_naive
+from .baselines import (PreparedStep, Settings, prepare_composed, prepare_composed_compiled, prepare_fused_adamw,
+                        prepare_naive)
 from .ours import prepare_explicit, prepare_implicit
 from .workloads import Workload
 
@@ -49,12 +50,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _naive(clip=True, fused=True), partial(bm.naive_surgery, clip=True)),
     Method("composed", BASELINE, "_foreach norms + per-tensor dots, lambda on device, _foreach combine, "
            "AdamW(fused=True)", prepare_composed, bm.composed_torch),
-    Method("eupmu-explicit", OURS, "EUPMU explicit (unilateral surgery) + adamw",
-           partial(prepare_explicit, clip=False), bm.explicit_surgery),
+    Method("composed-compiled", BASELINE, "the composed surgery (Gramian, lambda, combine) under torch.compile, "
+           "then AdamW(fused=True)", prepare_composed_compiled, bm.composed_torch),
+    Method("eupmu-explicit", OURS, "EUPMU explicit (unilateral surgery) + adamw, Gramian formed in the backward "
+           "hooks (default)", partial(prepare_explicit, clip=False), bm.explicit_surgery_hooks),
+    Method("eupmu-explicit-instep", OURS, "EUPMU explicit + adamw, Gramian computed in the step",
+           partial(prepare_explicit, clip=False, in_backward=False), bm.explicit_surgery),
     Method("eupmu-explicit-clip", OURS, "EUPMU explicit + adamw, max_grad_norm (clip from the Gramian)",
-           partial(prepare_explicit, clip=True), bm.explicit_surgery),
-    Method("eupmu-implicit", OURS, "EUPMU implicit step (default: non-finite guard reads g once)",
-           partial(prepare_implicit, guard=True), partial(bm.implicit_step, reduction_pass=True)),
+           partial(prepare_explicit, clip=True), bm.explicit_surgery_hooks),
+    Method("eupmu-implicit", OURS, "EUPMU implicit step (default: the non-finite guard's ||g||^2 formed in "
+           "the backward hooks)", partial(prepare_implicit, guard=True),
+           partial(bm.implicit_step, reduction_pass=False)),
     Method("eupmu-implicit-noguard", OURS, "EUPMU implicit step, skip_nonfinite=False (no reduction pass)",
            partial(prepare_implicit, guard=False), partial(bm.implicit_step, reduction_pass=False)),
 )}

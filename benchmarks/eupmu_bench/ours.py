@@ -1,14 +1,13 @@
 """``eupmu_kernels.EUPMU`` steps, prepared so that only ``opt.step()`` is timed.
 
-Explicit mode: the retain gradient is stashed once (``.grad = g_r``; ``stash_retain_grad()``
-copies it into the optimizer's flat buffer), then ``.grad`` is set to g_f. ``step()`` reads
-both and then releases the captured retain gradient; in training the next
-``stash_retain_grad()`` captures it again, with no data movement (the default
-``retain_capture="reference"`` keeps the tensors autograd made). The benchmark stashes g_r again
-before each timed step, outside the timing, and times exactly the work of a user's ``step()``.
+Before each timed step (untimed) a real backward pass writes the workload's gradients, so the
+optimizer's hooks run as in training: by default they form the Gramian (explicit) or ||g||^2
+(implicit) during the backward pass, and the step reads each gradient once.
 
-Implicit mode: ``.grad`` holds the gradient of the combined loss; ``step()`` is timed. The dual
-update runs after the step on loss scalars and is not part of it.
+Explicit mode: retain backward pass, ``stash_retain_grad()`` (keeps autograd's g_r tensors; no
+data moves), forget backward pass, then the timed ``step()``. Implicit mode: one backward pass of
+the combined gradient, then the timed ``step()``; the dual update runs on loss scalars after the
+step and is not part of it.
 """
 
 from __future__ import annotations
@@ -30,26 +29,42 @@ def _state_dtype(wl: Workload, settings: Settings) -> torch.dtype:
     return settings.state_dtype or wl.dtype
 
 
-def prepare_explicit(wl: Workload, backend: str | None, settings: Settings, *, clip: bool) -> PreparedStep:
+def backward_into(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """A real backward pass whose gradients are ``grads``: autograd writes fresh .grad tensors and
+    the optimizer's post-accumulate-grad hooks run, exactly as in training (not timed here)."""
+    with torch.enable_grad():
+        sum((p * g).sum() for p, g in zip(params, grads)).backward()
+
+
+def prepare_explicit(wl: Workload, backend: str | None, settings: Settings, *, clip: bool,
+                     in_backward: bool = True) -> PreparedStep:
+    """The step after a retain and a forget backward pass. ``in_backward``: the Gramian was formed by
+    the hooks during those passes (the default), else the step computes it (8 B/param more)."""
     params = wl.fresh_params()
-    opt = _optimizer(backend, settings, params, mode="explicit",
-                     max_grad_norm=settings.max_norm if clip else None)
+    opt = _optimizer(backend, settings, params, mode="explicit", max_grad_norm=settings.max_norm if clip else None,
+                     gramian_in_backward="auto" if in_backward else False)
 
     def before() -> None:
-        # What a training iteration hands the step: g_r kept by reference (stash moves no data), g_f in .grad.
-        install_grads(params, wl.grads_r)
-        opt.stash_retain_grad()
-        install_grads(params, wl.grads_f)
+        opt.zero_grad()
+        backward_into(params, wl.grads_r)
+        opt.stash_retain_grad()  # keeps autograd's g_r tensors: no data moves
+        backward_into(params, wl.grads_f)
 
     before()
-
     return PreparedStep(opt.step, params, _state_dtype(wl, settings), before=before, keep_alive=[opt],
                         harness_bytes=wl.tensor_bytes)
 
 
 def prepare_implicit(wl: Workload, backend: str | None, settings: Settings, *, guard: bool) -> PreparedStep:
+    """The step after one backward pass of the combined loss (the hooks form ||g||^2 for the guard)."""
     params = wl.fresh_params()
     opt = _optimizer(backend, settings, params, mode="implicit", skip_nonfinite=guard)
-    install_grads(params, wl.grads_f)
-    return PreparedStep(opt.step, params, _state_dtype(wl, settings), keep_alive=[opt],
+    combined = [g for g in wl.grads_f]
+
+    def before() -> None:
+        opt.zero_grad()
+        backward_into(params, combined)
+
+    before()
+    return PreparedStep(opt.step, params, _state_dtype(wl, settings), before=before, keep_alive=[opt],
                         harness_bytes=wl.tensor_bytes)
