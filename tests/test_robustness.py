@@ -379,15 +379,16 @@ def test_grad_scaler_stats_report_the_unscaled_gramian():
 
 @pytest.mark.parametrize("magnitude", [1e-30, 1e-22, 1e-19, 1.0, 1e19, 1e30])
 def test_surgery_is_right_for_any_finite_float32_gradient(magnitude):
-    """lambda* = -<g_f,g_r>/<g_r,g_r> is scale-free: the answer must not change with the magnitude."""
+    """lambda* = -<g_f,g_r>/<g_r,g_r> is scale-free: with g_f = -g_r/2 it is 1/2 at any magnitude of the
+    gradients, and d = g_f + g_r/2 = 0 (float32 squares would underflow or overflow at both ends)."""
     gen = torch.Generator().manual_seed(0)
-    g_r = [torch.randn(1000, generator=gen), torch.randn(7, generator=gen)]
-    g_f = [(-0.5 * r).float() * magnitude for r in g_r]  # conflicting, |g_f| = magnitude / 2 * |g_r|
+    g_r = [(torch.randn(1000, generator=gen, dtype=torch.float64) * magnitude).float(),
+           (torch.randn(7, generator=gen, dtype=torch.float64) * magnitude).float()]
+    g_f = [-0.5 * r for r in g_r]  # exact in float32
     res = ops.surgery_(g_f, [r.clone() for r in g_r], method="ungrad", backend="torch")
     assert res.skipped.item() == 0.0
-    torch.testing.assert_close(res.coefficients[1].double(), torch.tensor(0.5 * magnitude, dtype=torch.float64),
-                               rtol=1e-6, atol=0)
-    assert float(flat64(g_f).abs().max()) <= 1e-6 * magnitude  # d = g_f + lambda g_r = 0
+    assert res.coefficients[1].item() == pytest.approx(0.5, rel=1e-6)
+    assert float(flat64(g_f).abs().max()) <= 1e-6 * magnitude
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
