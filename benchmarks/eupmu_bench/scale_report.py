@@ -196,9 +196,13 @@ def plot_memory(result: Result, path: Path) -> bool:
         pts = [r for r in done if r["method"] == name]
         lines.plot([r["numel"] for r in pts], [r["peak_rss_bytes"] / GIB for r in pts], "o", color=colours[name])
     machine = result.get("machine_memory_bytes")
-    for m in memories + ([machine / GIB] if machine else []):
+    for m in memories:
         lines.axhline(m, color="grey", linestyle=":", linewidth=1)
-        lines.text(grid[0], m, f" {m:.1f} GiB", va="bottom", fontsize=7, color="grey")
+        lines.text(grid[0], m, f" {m:g} GiB", va="bottom", fontsize=7, color="grey")
+    if machine:
+        lines.axhline(machine / GIB, color="black", linestyle="--", linewidth=0.8)
+        lines.text(grid[-1], machine / GIB, f"this machine: {machine / GIB:.1f} GiB ", va="top", ha="right",
+                   fontsize=7)
     lines.set_xscale("log")
     lines.set_yscale("log")
     lines.set_ylim(0.5, max(top, max(memories)) * 1.5)
