@@ -5,8 +5,9 @@
 (``eupmu-bench scale`` starts exactly this after its single-process part, unless ``--no-fsdp``.)
 
 Every rank builds the same random model as the single-process benchmark (same seed, bf16),
-shards each decoder layer and then the root with ``fully_shard``, and takes one EUPMU step, explicit
-and implicit, in two batch layouts:
+shards each decoder layer and then the root with ``fully_shard``, and takes one EUPMU step from
+these weights (restored from a copy of the rank's initial shards on disk between steps, with a
+fresh optimizer), explicit and implicit, in two batch layouts:
 
 - ``replicated``: every rank runs the whole batch. FSDP averages identical gradients, so the step
   must equal the single-process step bit for bit: what differs is only the optimizer's sharded path
@@ -19,7 +20,9 @@ and implicit, in two batch layouts:
 
 The reference is the single-process step on the whole batch. Rank 0 computes it first, in a separate
 process (so that its peak memory is not charged to the rank), and saves the parameters; the ranks
-then gather each sharded parameter (``full_tensor()``, one at a time) for rank 0 to compare. Per
+then gather each sharded parameter (``full_tensor()``, one at a time) for rank 0 to compare with
+the saved one, read back a parameter at a time. Files (raw bf16) go under ``--out`` and are removed
+at the end: the reference weights (2 bytes per parameter per mode) and each rank's initial shards. Per
 rank it reports the peak resident set size (VmHWM) after each step: it includes building the full
 model in bf16 before ``fully_shard`` (2 bytes per parameter, below the sharded step's peak from two
 ranks on).
@@ -39,8 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from eupmu_kernels.distributed import local_view
 
 from . import scale
 
@@ -69,8 +75,29 @@ def _build(cfg: FsdpConfig):
     return config, scale.build_model(config, cfg.seed)
 
 
+CHUNK = 1 << 20  # elements compared at a time (float64 temporaries stay small)
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a tensor (a view: no copy for a contiguous tensor)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _read(f, like: torch.Tensor) -> torch.Tensor:
+    """The next ``like.numel()`` elements of ``like``'s dtype from a raw file, shaped like it."""
+    raw = np.fromfile(f, dtype=np.uint8, count=like.numel() * like.element_size())
+    return torch.from_numpy(raw).view(like.dtype).view(like.shape)
+
+
+def save_raw(tensors, path: str) -> None:
+    with open(path, "wb") as f:
+        for t in tensors:
+            _bytes(t).tofile(f)
+
+
 def reference_step(cfg: FsdpConfig, mode: str, path: str) -> dict[str, Any]:
-    """The single-process step on the whole batch (run in its own process); parameters saved to ``path``."""
+    """The single-process step on the whole batch (run in its own process); the parameters after it
+    are written to ``path`` as raw bytes in ``named_parameters()`` order."""
     torch.set_num_threads(os.cpu_count() or 1)
     start = scale.process_memory()
     _, model = _build(cfg)
@@ -82,7 +109,7 @@ def reference_step(cfg: FsdpConfig, mode: str, path: str) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     stats = runner.stats()
     peak = scale.process_memory()
-    torch.save({name: p.detach() for name, p in model.named_parameters()}, path)
+    save_raw((p for _, p in model.named_parameters()), path)
     return {"losses": losses, "stats": stats, "gramian": _gramian(runner), "seconds": seconds,
             "start_rss_bytes": start.get("VmRSS"), "peak_rss_bytes": peak.get("VmHWM")}
 
@@ -101,9 +128,8 @@ def _rank_batches(cfg: FsdpConfig, layout: str, rank: int, world: int) -> scale.
     return scale.Batches(full.forget[part], full.retain[part])
 
 
-def sharded_step(cfg: FsdpConfig, mode: str, layout: str, rank: int, world: int, reference_path: str
-                 ) -> dict[str, Any]:
-    """One step on the sharded model; rank 0's result holds the comparison with the reference."""
+def sharded_model(cfg: FsdpConfig, world: int) -> torch.nn.Module:
+    """The benchmark's model (same seed: same weights), each decoder layer and the root sharded."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -112,6 +138,23 @@ def sharded_step(cfg: FsdpConfig, mode: str, layout: str, rank: int, world: int,
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def local_shards(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [local_view(p.detach()) for p in model.parameters()]
+
+
+def restore_shards(model: torch.nn.Module, path: str) -> None:
+    """Copy the saved initial shards back into the model's shards, in place."""
+    with open(path, "rb") as f:
+        for shard in local_shards(model):
+            shard.copy_(_read(f, shard))
+
+
+def sharded_step(model: torch.nn.Module, cfg: FsdpConfig, mode: str, layout: str, rank: int, world: int,
+                 reference_path: str) -> dict[str, Any]:
+    """One step with a fresh optimizer; rank 0's result holds the comparison with the reference."""
     runner = RUNNERS[mode](model, _rank_batches(cfg, layout, rank, world), cfg.lr)
     t0 = time.perf_counter()
     losses = runner.backward()
@@ -119,27 +162,35 @@ def sharded_step(cfg: FsdpConfig, mode: str, layout: str, rank: int, world: int,
     seconds = time.perf_counter() - t0
     result = {"mode": mode, "layout": layout, "seconds": seconds, "losses": losses, "stats": runner.stats(),
               "gramian": _gramian(runner), "peak_rss_bytes": scale.process_memory().get("VmHWM")}
-    result.update(compare(model, reference_path, cfg.lr, rank))
-    del runner, model
+    runner.opt.zero_grad()
+    del runner
     gc.collect()
+    result.update(compare(model, reference_path, cfg.lr, rank))
     return result
 
 
 def compare(model: torch.nn.Module, reference_path: str, lr: float, rank: int) -> dict[str, Any]:
-    """Gather each sharded parameter in turn; rank 0 compares it with the saved reference."""
-    reference = torch.load(reference_path, mmap=True, weights_only=True) if rank == 0 else None
+    """Gather each sharded parameter in turn (all ranks); rank 0 compares it with the reference,
+    read from its file one parameter at a time."""
     max_diff, max_ratio, differing, total = 0.0, 0.0, 0, 0
-    for name, p in model.named_parameters():
-        full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        if rank == 0:
-            ref = reference[name]
-            diff = (full.double() - ref.double()).abs()
-            bound = 2 * lr * (1 + 1e-6) + scale.bf16_spacing(torch.maximum(full.double().abs(), ref.double().abs()))
-            max_diff = max(max_diff, diff.max().item())
-            max_ratio = max(max_ratio, (diff / bound).max().item())
-            differing += int((diff > 0).sum())
-            total += diff.numel()
-        del full
+    f = open(reference_path, "rb") if rank == 0 else None
+    try:
+        for _, p in model.named_parameters():
+            full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            if f is not None:
+                ref, got = _read(f, full).reshape(-1), full.reshape(-1)
+                for start in range(0, got.numel(), CHUNK):
+                    a, b = got[start:start + CHUNK].double(), ref[start:start + CHUNK].double()
+                    diff = (a - b).abs()
+                    bound = 2 * lr * (1 + 1e-6) + scale.bf16_spacing(torch.maximum(a.abs(), b.abs()))
+                    max_diff = max(max_diff, diff.max().item())
+                    max_ratio = max(max_ratio, (diff / bound).max().item())
+                    differing += int((diff > 0).sum())
+                total += got.numel()
+            del full
+    finally:
+        if f is not None:
+            f.close()
     if rank != 0:
         return {}
     return {"max_abs_diff": max_diff, "max_diff_over_bound": max_ratio, "differing_elements": differing,
@@ -147,7 +198,11 @@ def compare(model: torch.nn.Module, reference_path: str, lr: float, rank: int) -
 
 
 def run_ranks(cfg: FsdpConfig, rank: int, world: int) -> dict[str, Any] | None:
-    """The whole FSDP2 part on an initialised process group; rank 0 returns (and writes) the results."""
+    """The whole FSDP2 part on an initialised process group; rank 0 returns the results.
+
+    The sharded model is built once per rank and its initial shards saved, then restored before each
+    step: a model sharded with ``fully_shard`` is not freed after a backward pass (reference cycles
+    the garbage collector does not break), so building one per step would leak a model per step."""
     torch.set_num_threads(cfg.threads)
     start = scale.process_memory()
     out = Path(cfg.out)
@@ -156,20 +211,25 @@ def run_ranks(cfg: FsdpConfig, rank: int, world: int) -> dict[str, Any] | None:
     references: dict[str, Any] = {}
     if rank == 0:
         for mode in cfg.modes:
-            path = str(out / f"reference-{mode}.pt")
-            outcome = scale.run_isolated(reference_step, cfg, mode, path)
+            outcome = scale.run_isolated(reference_step, cfg, mode, str(out / f"reference-{mode}.bin"))
             references[mode] = outcome.value if outcome.ok else {"failed": outcome.error,
                                                                   "traceback": outcome.traceback}
-    failed = [None]
-    if rank == 0:
-        failed = [[m for m, r in references.items() if "failed" in r]]
+    failed = [[m for m, r in references.items() if "failed" in r]]
     dist.broadcast_object_list(failed, src=0)
+    model = sharded_model(cfg, world)
+    initial = str(out / f"initial-rank{rank}.bin")
+    save_raw(local_shards(model), initial)
     steps = []
-    for mode in cfg.modes:
-        if mode in failed[0]:
-            continue
-        for layout in cfg.layouts:
-            steps.append(sharded_step(cfg, mode, layout, rank, world, str(out / f"reference-{mode}.pt")))
+    try:
+        for mode in cfg.modes:
+            if mode in failed[0]:
+                continue
+            for layout in cfg.layouts:
+                if steps:
+                    restore_shards(model, initial)
+                steps.append(sharded_step(model, cfg, mode, layout, rank, world, str(out / f"reference-{mode}.bin")))
+    finally:
+        os.unlink(initial)
     per_rank = [None] * world
     mine = {"rank": rank, "start_rss_bytes": start.get("VmRSS"), "peak_rss_bytes": scale.process_memory().get("VmHWM"),
             "peak_after_step_bytes": [s["peak_rss_bytes"] for s in steps],
@@ -180,7 +240,7 @@ def run_ranks(cfg: FsdpConfig, rank: int, world: int) -> dict[str, Any] | None:
         return None
     if not cfg.keep_reference:
         for mode in cfg.modes:
-            (out / f"reference-{mode}.pt").unlink(missing_ok=True)
+            (out / f"reference-{mode}.bin").unlink(missing_ok=True)
     from .machine import machine_info
 
     return {"config": asdict(cfg), "world": world, "backend": dist.get_backend(), "references": references,
@@ -267,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_list_option(p, "--layouts", cli_args.one_of(LAYOUTS, "layout"), LAYOUTS,
                              "comma-separated: replicated (every rank the whole batch), split (rows per rank)")
     p.add_argument("--threads", type=cli_args.integer(1), default=1, help="torch threads per rank")
-    p.add_argument("--keep-reference", action="store_true", help="keep the single-process parameters (.pt)")
+    p.add_argument("--keep-reference", action="store_true", help="keep the single-process parameters (raw bf16, reference-MODE.bin)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-scale/fsdp"))
     return p
 
