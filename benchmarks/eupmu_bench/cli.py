@@ -315,9 +315,9 @@ def scale_main(argv: list[str]) -> int:
                    "threads": next((r["threads"] for r in result["records"] if "threads" in r), None),
                    "load_average": {"start": load_start, "end": load_average()},
                    "wall_s": time.perf_counter() - started})
-    text = markdown(result)
     with cli_args.atomic_path(args.out / "scale.json") as tmp:
         write_json(result, tmp)
+    text = markdown(result)
     cli_args.write_text_atomic(args.out / "scale.md", text)
     written = [args.out / "scale.json", args.out / "scale.md"]
     if not args.no_plot:

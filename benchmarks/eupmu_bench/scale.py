@@ -654,7 +654,8 @@ def run_scale(config: ScaleConfig, progress: Callable[[str], None] | None = None
     budget = config.memory_budget or available_memory()
     records: list[dict[str, Any]] = []
     fits: dict[str, dict[str, float]] = {}
-    start_rss = float(1 << 30)  # until measured: a generous guess for the predictions
+    baseline = run_isolated(process_memory)  # what a worker holds before it builds anything
+    start_rss = float(baseline.value.get("VmRSS", 1 << 30) if baseline.ok else 1 << 30)
     sizes = sorted(config.sizes)
     for numel in sizes:
         for name in config.methods:

@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_list_option(p, "--layouts", cli_args.one_of(LAYOUTS, "layout"), LAYOUTS,
                              "comma-separated: replicated (every rank the whole batch), split (rows per rank)")
     p.add_argument("--threads", type=cli_args.integer(1), default=1, help="torch threads per rank")
-    p.add_argument("--keep-reference", action="store_true", help="keep the single-process parameters (raw bf16, reference-MODE.bin)")
+    p.add_argument("--keep-reference", action="store_true",
+                   help="keep the single-process parameters (raw bf16, reference-MODE.bin)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-scale/fsdp"))
     return p
 
