@@ -502,12 +502,12 @@ def measure(task: Task) -> dict[str, Any]:
     batches = token_batches(task.vocab, task.batch, task.seq, task.seed)
     method = METHODS[task.method]
     runner = method.runner(model, batches, task.lr)
-    losses, iteration_s, step_s, stats = [], [], [], []
+    losses, iteration_s, step_s, cpu_s, stats = [], [], [], [], []
     check: dict[str, Any] | None = None
     checked = task.check and runner.reference_check
     untimed = max(task.warmup, 1 if checked else 0)
     for i in range(untimed + task.iterations):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         if i == 0 and checked:
             loss_pair, check = check_update(runner)
             losses.append(loss_pair)
@@ -521,12 +521,14 @@ def measure(task: Task) -> dict[str, Any]:
         if i >= untimed:
             iteration_s.append(t2 - t0)
             step_s.append(t2 - t1)
+            cpu_s.append(time.process_time() - c0)
     peak = process_memory()
     result: dict[str, Any] = {
         "method": task.method, "numel": sum(p.numel() for p in model.parameters()), "shape": describe_config(config),
         "threads": torch.get_num_threads(), "build_s": build_s,
         "iteration_s": statistics.median(iteration_s), "step_s": statistics.median(step_s),
         "iteration_samples_s": iteration_s, "step_samples_s": step_s,
+        "iteration_cpu_s": statistics.median(cpu_s),  # CPU seconds of all threads: less disturbed by other work
         "start_rss_bytes": start.get("VmRSS"), "peak_rss_bytes": peak.get("VmHWM"),
         "losses": losses, "stats": stats,
     }
@@ -539,6 +541,8 @@ def measure(task: Task) -> dict[str, Any]:
         result["tensor_held_bytes"] = held
         result["tensor_peak_bytes"] = None if use is None else held + use.peak_bytes
     result["check"] = check
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # the whole worker: build, iterations, extras
     result["finite"] = all(math.isfinite(x) for pair in losses for x in pair) and all_finite(runner.params)
     return result
 

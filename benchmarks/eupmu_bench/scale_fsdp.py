@@ -172,7 +172,7 @@ def sharded_step(model: torch.nn.Module, cfg: FsdpConfig, mode: str, layout: str
 def compare(model: torch.nn.Module, reference_path: str, lr: float, rank: int) -> dict[str, Any]:
     """Gather each sharded parameter in turn (all ranks); rank 0 compares it with the reference,
     read from its file one parameter at a time."""
-    max_diff, max_ratio, differing, total = 0.0, 0.0, 0, 0
+    max_diff, max_ratio, differing, total, nonfinite = 0.0, 0.0, 0, 0, 0
     f = open(reference_path, "rb") if rank == 0 else None
     try:
         for _, p in model.named_parameters():
@@ -180,12 +180,17 @@ def compare(model: torch.nn.Module, reference_path: str, lr: float, rank: int) -
             if f is not None:
                 ref, got = _read(f, full).reshape(-1), full.reshape(-1)
                 for start in range(0, got.numel(), CHUNK):
-                    a, b = got[start:start + CHUNK].double(), ref[start:start + CHUNK].double()
+                    a, b = got[start:start + CHUNK], ref[start:start + CHUNK]
+                    unequal = a != b
+                    if not bool(unequal.any()):
+                        continue
+                    a, b = a[unequal].double(), b[unequal].double()
+                    nonfinite += int((~torch.isfinite(a)).sum())  # NaN is unequal to everything
                     diff = (a - b).abs()
                     bound = 2 * lr * (1 + 1e-6) + scale.bf16_spacing(torch.maximum(a.abs(), b.abs()))
                     max_diff = max(max_diff, diff.max().item())
                     max_ratio = max(max_ratio, (diff / bound).max().item())
-                    differing += int((diff > 0).sum())
+                    differing += diff.numel()
                 total += got.numel()
             del full
     finally:
@@ -194,7 +199,8 @@ def compare(model: torch.nn.Module, reference_path: str, lr: float, rank: int) -
     if rank != 0:
         return {}
     return {"max_abs_diff": max_diff, "max_diff_over_bound": max_ratio, "differing_elements": differing,
-            "elements": total, "bound": "2*lr + one bf16 spacing of the weight, per element"}
+            "elements": total, "nonfinite_elements": nonfinite,
+            "bound": "2*lr + one bf16 spacing of the weight, per element"}
 
 
 def run_ranks(cfg: FsdpConfig, rank: int, world: int) -> dict[str, Any] | None:
@@ -264,6 +270,8 @@ def failures(result: dict[str, Any], modes: tuple[str, ...] = MODES, layouts: tu
             s = done.get((mode, layout))
             if s is None:
                 problems.append(f"{mode}/{layout}: no result")
+            elif s["nonfinite_elements"]:
+                problems.append(f"{mode}/{layout}: {s['nonfinite_elements']} weights are not finite")
             elif layout == "replicated" and s["max_abs_diff"] != 0.0:
                 problems.append(f"{mode}/{layout}: differs from the single-process step by {s['max_abs_diff']:.3g}")
             elif layout == "split" and s["max_diff_over_bound"] > 1.0:
