@@ -36,18 +36,20 @@ def method_table(result: Result) -> str:
     for r in result["records"]:
         if "numel" not in r:
             why = r.get("skipped") or f"FAILED: {r.get('failed')}"
-            rows.append([_numel(r["requested_numel"]), r["method"], *["-"] * 8, why])
+            rows.append([_numel(r["requested_numel"]), r["method"], *["-"] * 9, why])
             continue
         excess = r.get("excess_over_floor_grads")
         rows.append([
-            _numel(r["numel"]), r["method"], f"{r['iteration_s']:.2f}", f"{r['step_s']:.2f}",
+            _numel(r["numel"]), r["method"], f"{r['iteration_s']:.2f}", f"{r['iteration_cpu_s']:.2f}",
+            f"{r['step_s']:.2f}",
             f"{100 * r['step_share']:.0f}%", "-" if "iteration_vs_floor" not in r else f"{r['iteration_vs_floor']:.2f}",
             _gib(r["peak_rss_bytes"]), "-" if excess is None else f"{excess:+.2f}",
             _gib(r.get("tensor_peak_bytes")),
             f"{_gib(r['bytes_model_peak_bytes'])} ({r['bytes_model_per_param']} B/param)",
             _check(r),
         ])
-    return markdown_table(["N", "method", "s/iteration", "step s", "step share", "x floor", "peak GiB",
+    return markdown_table(["N", "method", "s/iteration", "CPU s/iteration", "step s", "step share", "x floor",
+                           "peak GiB",
                            "above floor (bf16 grads)", "peak tensor GiB", "bytes model GiB", "check"], rows)
 
 
@@ -117,6 +119,18 @@ def fsdp_section(fsdp: Result | None) -> list[str]:
             format_fsdp(fsdp)]
 
 
+def _load(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
+def _disturbed(load: dict[str, float | None], cpus: int | None) -> str:
+    values = [v for v in (load.get("start"), load.get("end")) if v is not None]
+    if cpus and values and max(values) > cpus:
+        return (f" (**disturbed**: other work kept more than {cpus} CPUs busy, so the timings are not evidence; "
+                "CPU seconds per iteration are less affected, memory not at all)")
+    return ""
+
+
 def markdown(result: Result) -> str:
     m = result["machine"]
     cfg = result["config"]
@@ -130,8 +144,8 @@ def markdown(result: Result) -> str:
         f"- model: Llama (transformers LlamaConfig), random weights, bf16 weights and gradients, fp32 AdamW "
         f"moments (adamw-torch: bf16); batch {cfg['batch']} x {cfg['seq']} tokens per side; "
         f"{cfg['warmup']} warm-up + {cfg['iterations']} timed iterations per method; lr {cfg['lr']:g}",
-        f"- threads: {result.get('threads')}; 1-minute load average {load.get('start')} at the start, "
-        f"{load.get('end')} at the end",
+        f"- threads: {result.get('threads')}; 1-minute load average {_load(load.get('start'))} at the start, "
+        f"{_load(load.get('end'))} at the end{_disturbed(load, m['cpu_count'])}",
         f"- peak memory: {result['memory_probe']}",
         f"- wall time of the whole run: {result.get('wall_s', float('nan')) / 60:.1f} min", "",
         method_table(result), "",
