@@ -126,8 +126,9 @@ def _load(value: float | None) -> str:
 def _disturbed(load: dict[str, float | None], cpus: int | None) -> str:
     values = [v for v in (load.get("start"), load.get("end")) if v is not None]
     if cpus and values and max(values) > cpus:
-        return (f" (**disturbed**: other work kept more than {cpus} CPUs busy, so the timings are not evidence; "
-                "CPU seconds per iteration are less affected, memory not at all)")
+        return (f" (**disturbed**: other work kept more than {cpus} CPUs busy, so the timings are not evidence, "
+                "nor are CPU seconds with more than one thread, which spin while waiting for each other; memory "
+                "is unaffected)")
     return ""
 
 
