@@ -254,9 +254,11 @@ def build_scale_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=cli_args.integer(0), default=1, help="untimed iterations before timing")
     p.add_argument("--batch", type=cli_args.integer(1), default=2, help="sequences per side (forget, retain)")
     p.add_argument("--seq", type=cli_args.integer(2), default=64, help="tokens per sequence")
-    p.add_argument("--vocab", type=cli_args.integer(16), default=VOCAB)
-    p.add_argument("--lr", type=cli_args.positive, default=LR)
-    p.add_argument("--seed", type=cli_args.seed, default=0)
+    p.add_argument("--vocab", type=cli_args.integer(16), default=VOCAB,
+                   help=f"vocabulary size of the model (default {VOCAB}, Llama 2's)")
+    p.add_argument("--lr", type=cli_args.positive, default=LR,
+                   help=f"learning rate of every method (default {LR:g}: large enough to move bf16 weights)")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="seed of the weights and the token batches")
     p.add_argument("--threads", type=cli_args.integer(1), help="torch threads per method (default: torch's choice)")
     p.add_argument("--memory-budget", type=cli_args.positive, metavar="GIB",
                    help="memory a method may use (default: what the system reports available at the start); a "
@@ -290,11 +292,12 @@ def scale_main(argv: list[str]) -> int:
     if "split" in args.fsdp_layouts and args.batch % args.fsdp_ranks:
         cli_args.fail(parser, "--batch", f"{args.batch} rows do not split evenly over {args.fsdp_ranks} ranks")
     sizes = tuple(sorted(set(args.sizes or (int(n) for n in SCALE_SIZES[args.quick]))))
-    for numel in sizes + ((args.fsdp_size,) if args.fsdp_size else ()):
+    checked = [("--sizes", n) for n in sizes] + ([("--fsdp-size", args.fsdp_size)] if args.fsdp_size else [])
+    for option, numel in checked:
         try:
             scale.llama_shape(numel, args.vocab)
         except ValueError as err:
-            cli_args.fail(parser, "--sizes", str(err))
+            cli_args.fail(parser, option, str(err))
     config = scale.ScaleConfig(
         sizes=sizes, methods=tuple(dict.fromkeys(args.methods)), vocab=args.vocab, batch=args.batch, seq=args.seq,
         warmup=args.warmup, iterations=args.iterations or (1 if args.quick else 3), lr=args.lr, seed=args.seed,

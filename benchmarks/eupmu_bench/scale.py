@@ -203,7 +203,7 @@ class Runner:
         """The direction the optimizer applies to ``p`` in this step (after ``prepare``)."""
         return p.grad
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         return {}
 
 
@@ -242,6 +242,8 @@ class Naive(Runner):
 
 
 class Explicit(Runner):
+    reference_lam = 0.0  # λ* of the float64 reference, set by reference_lambda() for direction()
+
     def optimizer(self) -> torch.optim.Optimizer:
         return EUPMU(self.params, lr=self.lr, rule="adamw", mode="explicit", betas=BETAS, eps=EPS,
                      weight_decay=WEIGHT_DECAY, state_dtype=torch.float32)
@@ -255,16 +257,18 @@ class Explicit(Runner):
         forget.backward()
         return float(forget.detach()), float(retain.detach())
 
-    def reference_lambda(self) -> tuple[float, Tensor]:
-        """λ* from the float64 Gramian of every parameter's g_f and g_r (computed here, in chunks)."""
+    def reference_lambda(self) -> Tensor:
+        """λ* from the float64 Gramian of every parameter's g_f and g_r (computed here, in chunks);
+        returns the Gramian."""
         gram = float64_gramian([p.grad for p in self.params], self.opt.retain_grads())
-        return reference.ungrad_lambda(gram, 0.0), gram
+        self.reference_lam = reference.ungrad_lambda(gram, 0.0)
+        return gram
 
     def direction(self, p: Tensor) -> Tensor:
         grads_r = dict(zip(map(id, self.params), self.opt.retain_grads()))
-        return p.grad.double() + self._lam * grads_r[id(p)].double()
+        return p.grad.double() + self.reference_lam * grads_r[id(p)].double()
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         s = self.opt.stats()
         return {"lambda": float(s["lambda"]), "cos": float(s["cos"]), "gramian_source": self.opt.gramian_source}
 
@@ -281,7 +285,7 @@ class Implicit(Runner):
         self.opt.combine(forget, retain).backward()
         return float(forget.detach()), float(retain.detach())
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         return {"w": float(self.opt.w)}
 
 
@@ -425,9 +429,8 @@ def check_update(runner: Runner) -> tuple[tuple[float, float], dict[str, Any]]:
     losses = runner.backward()
     out: dict[str, Any] = {}
     if isinstance(runner, Explicit):
-        runner._lam, gram = runner.reference_lambda()
-        out["lambda_reference"] = runner._lam
-        out["gramian_reference"] = gram.tolist()
+        out["gramian_reference"] = runner.reference_lambda().tolist()
+        out["lambda_reference"] = runner.reference_lam
     runner.prepare()
     probes = probe_slices(runner.model)
     before = {}
@@ -441,7 +444,8 @@ def check_update(runner: Runner) -> tuple[tuple[float, float], dict[str, Any]]:
     if isinstance(runner, Explicit):
         s = runner.opt.stats()
         out["lambda"] = float(s["lambda"])
-        out["lambda_rel_error"] = abs(out["lambda"] - runner._lam) / max(abs(runner._lam), 1e-30)
+        lam = runner.reference_lam
+        out["lambda_rel_error"] = abs(out["lambda"] - lam) / max(abs(lam), 1e-30)
         out["gramian"] = s["gramian"].tolist()
     worst_ratio, mismatches, state_error = 0.0, 0, 0.0
     for name, (p, rows) in probes.items():
@@ -450,14 +454,15 @@ def check_update(runner: Runner) -> tuple[tuple[float, float], dict[str, Any]]:
         expected = reference.adamw_step(p0, d, st, runner.lr, BETAS[0], BETAS[1], EPS, WEIGHT_DECAY).view_as(p0)
         got = p.detach()[rows].double()
         # bf16 weights: the kernel rounds its fp32 result once, so |got - expected| <= half a spacing
-        ratio = ((got - expected).abs() / (0.5 * bf16_spacing(expected))).max().item()
+        ratio = ((got - expected).abs() / (0.5 * bf16_spacing(expected))).nan_to_num(nan=math.inf).max().item()
         worst_ratio = max(worst_ratio, ratio)
         mismatches += int((got != expected.to(torch.bfloat16).double()).sum())
         state = runner.opt.state[p]
         for key, ref in (("exp_avg", st.exp_avg), ("exp_avg_sq", st.exp_avg_sq)):
             ref = ref.view_as(p0)
             scale = ref.abs().max().item() or 1.0
-            state_error = max(state_error, (state[key][rows].double() - ref).abs().max().item() / scale)
+            error = (state[key][rows].double() - ref).abs().nan_to_num(nan=math.inf).max().item()
+            state_error = max(state_error, error / scale)
     out.update({"probes": list(probes), "probe_elements": sum(before[n][0].numel() for n in probes),
                 "update_error_half_spacings": worst_ratio, "rounding_mismatches": mismatches,
                 "state_rel_error": state_error})
