@@ -2,9 +2,11 @@
 
     eupmu-bench [step] [options]       the optimizer step alone, on model-shaped tensors (default)
     eupmu-bench iteration [options]    whole iterations with real autograd on a causal LM
+    eupmu-bench scale [options]        a ~1e9-parameter Llama: time, peak memory, largest model that fits, FSDP2
 
 ``step`` prints a table and writes ``results.json``, ``results.md`` and ``step_time.png`` into
-``--out``; ``iteration`` writes ``iteration.json`` and ``iteration.md``.
+``--out``; ``iteration`` writes ``iteration.json`` and ``iteration.md``; ``scale`` writes
+``scale.json``, ``scale.md`` and ``scale_memory.png`` (and ``fsdp/fsdp.json``).
 """
 
 from __future__ import annotations
@@ -229,10 +231,142 @@ def iteration_main(argv: list[str]) -> int:
     return 0
 
 
+# Full run: the fit through 1e8 and 3e8, checked at 1.1e9 (FSDP2 there too); quick: ~1e8.
+SCALE_SIZES = {False: (1e8, 3e8, 1.1e9), True: (5e7, 1e8)}
+
+
+def build_scale_parser() -> argparse.ArgumentParser:
+    from .scale import LR, METHODS as SCALE_METHODS, VOCAB
+    from .scale_fsdp import LAYOUTS
+
+    p = cli_args.Parser(prog=f"{PROG} scale", description="Unlearning a Llama-shaped model of ~1e9 parameters "
+                        "(bf16 weights, fp32 moments) on this machine: seconds per iteration, the step's share, peak "
+                        "process memory and the bytes model per method, each in its own process; the largest model "
+                        "that fits a given memory; and the same model sharded with FSDP2 over gloo ranks, compared "
+                        "with the single-process step.")
+    p.add_argument("--quick", action="store_true",
+                   help="sizes 5e7,1e8, one timed iteration, FSDP2 at 1e8 (a few minutes on 2 cores)")
+    cli_args.add_list_option(p, "--sizes", cli_args.count, None, "comma-separated parameter counts; the fit uses "
+                             "the two smallest, the largest checks it (default 1e8,3e8,1.1e9; --quick 5e7,1e8)")
+    cli_args.add_list_option(p, "--methods", cli_args.one_of(tuple(SCALE_METHODS), "method"), tuple(SCALE_METHODS),
+                             f"comma-separated, of: {', '.join(SCALE_METHODS)}")
+    p.add_argument("--iterations", type=cli_args.integer(1), help="timed iterations per method (default 3; --quick 1)")
+    p.add_argument("--warmup", type=cli_args.integer(0), default=1, help="untimed iterations before timing")
+    p.add_argument("--batch", type=cli_args.integer(1), default=2, help="sequences per side (forget, retain)")
+    p.add_argument("--seq", type=cli_args.integer(2), default=64, help="tokens per sequence")
+    p.add_argument("--vocab", type=cli_args.integer(16), default=VOCAB,
+                   help=f"vocabulary size of the model (default {VOCAB}, Llama 2's)")
+    p.add_argument("--lr", type=cli_args.positive, default=LR,
+                   help=f"learning rate of every method (default {LR:g}: large enough to move bf16 weights)")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="seed of the weights and the token batches")
+    p.add_argument("--threads", type=cli_args.integer(1), help="torch threads per method (default: torch's choice)")
+    p.add_argument("--memory-budget", type=cli_args.positive, metavar="GIB",
+                   help="memory a method may use (default: what the system reports available at the start); a "
+                        "method predicted to need more is not started")
+    cli_args.add_list_option(p, "--fit-memory", cli_args.positive, (24.0, 80.0),
+                             "memory sizes in GiB to read the largest model that fits at (default 24,80)")
+    p.add_argument("--no-fsdp", action="store_true", help="skip the FSDP2 part")
+    p.add_argument("--fsdp-size", type=cli_args.count, help="parameters of the FSDP2 model (default: the largest size)")
+    p.add_argument("--fsdp-ranks", type=cli_args.integer(2), default=2)
+    cli_args.add_list_option(p, "--fsdp-layouts", cli_args.one_of(LAYOUTS, "layout"), LAYOUTS,
+                             "replicated (every rank the whole batch), split (rows per rank)")
+    p.add_argument("--no-tensor-memory", action="store_true", help="skip the peak-tensor-memory iteration")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 check of the update")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
+    return p
+
+
+def scale_main(argv: list[str]) -> int:
+    import time
+
+    import transformers
+
+    from . import scale, scale_fsdp
+    from .machine import machine_info
+    from .scale_report import markdown, plot_memory
+
+    parser = build_scale_parser()
+    args = parser.parse_args(argv)
+    cli_args.check_output_dir(parser, "--out", args.out)
+    if "split" in args.fsdp_layouts and args.batch % args.fsdp_ranks:
+        cli_args.fail(parser, "--batch", f"{args.batch} rows do not split evenly over {args.fsdp_ranks} ranks")
+    sizes = tuple(sorted(set(args.sizes or (int(n) for n in SCALE_SIZES[args.quick]))))
+    checked = [("--sizes", n) for n in sizes] + ([("--fsdp-size", args.fsdp_size)] if args.fsdp_size else [])
+    for option, numel in checked:
+        try:
+            scale.llama_shape(numel, args.vocab)
+        except ValueError as err:
+            cli_args.fail(parser, option, str(err))
+    config = scale.ScaleConfig(
+        sizes=sizes, methods=tuple(dict.fromkeys(args.methods)), vocab=args.vocab, batch=args.batch, seq=args.seq,
+        warmup=args.warmup, iterations=args.iterations or (1 if args.quick else 3), lr=args.lr, seed=args.seed,
+        threads=args.threads, memory_budget=None if args.memory_budget is None else int(args.memory_budget * scale.GIB),
+        fit_memory_gib=tuple(args.fit_memory), tensor_memory=not args.no_tensor_memory, check=not args.no_check)
+    command = "eupmu-bench scale " + shlex.join(argv)
+
+    def progress(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    progress(command)
+    started, load_start = time.perf_counter(), load_average()
+    result = scale.run_scale(config, progress)
+    if not args.no_fsdp:
+        result["fsdp"] = _scale_fsdp(args, config, result, progress)
+    result.update({"command": command, "machine": machine_info(torch.device("cpu")),
+                   "transformers": transformers.__version__,
+                   "threads": next((r["threads"] for r in result["records"] if "threads" in r), None),
+                   "load_average": {"start": load_start, "end": load_average()},
+                   "wall_s": time.perf_counter() - started})
+    with cli_args.atomic_path(args.out / "scale.json") as tmp:
+        write_json(result, tmp)
+    text = markdown(result)
+    cli_args.write_text_atomic(args.out / "scale.md", text)
+    written = [args.out / "scale.json", args.out / "scale.md"]
+    if not args.no_plot:
+        with cli_args.atomic_path(args.out / "scale_memory.png") as tmp:
+            if plot_memory(result, tmp):
+                written.append(args.out / "scale_memory.png")
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in written))
+    problems = scale.failures(result)
+    fsdp = result.get("fsdp")
+    if fsdp is not None and "failed" in fsdp:
+        problems.append(f"FSDP2: {fsdp['failed']}")
+    elif fsdp is not None and "steps" in fsdp:
+        problems += [f"FSDP2 {p}" for p in scale_fsdp.failures(fsdp, scale_fsdp.MODES, tuple(args.fsdp_layouts))]
+    for line in problems:
+        print(f"FAILED: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _scale_fsdp(args: argparse.Namespace, config, result: dict[str, Any], progress) -> dict[str, Any]:
+    """The FSDP2 part under torchrun, unless the bytes model says the ranks would not fit."""
+    from . import scale
+    from .scale_fsdp import FsdpConfig, launch
+
+    numel = args.fsdp_size or max(config.sizes)
+    ranks = args.fsdp_ranks
+    start = next((r["start_rss_bytes"] for r in result["records"] if "start_rss_bytes" in r), scale.GIB)
+    per_param = scale.METHODS["eupmu-explicit"].peak_bytes_per_param
+    # the single-process reference runs alone first; then every rank holds its shard of everything
+    need = max(start + per_param * numel, ranks * (start + max(per_param * numel / ranks, 2 * numel)))
+    budget = result["memory_budget_bytes"]
+    if budget is not None and need > budget:
+        progress(f"FSDP2 at {numel:.3g}: skipped (predicted {need / scale.GIB:.1f} GiB > {budget / scale.GIB:.1f})")
+        return {"skipped": f"predicted {need / scale.GIB:.1f} GiB > {budget / scale.GIB:.1f} GiB available"}
+    progress(f"FSDP2 at {numel:.3g} parameters on {ranks} gloo ranks (predicted {need / scale.GIB:.1f} GiB in all)")
+    cfg = FsdpConfig(numel, str(args.out / "fsdp"), config.vocab, config.batch, config.seq, config.lr, config.seed,
+                     layouts=tuple(args.fsdp_layouts))
+    return launch(cfg, ranks)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "iteration":
         return iteration_main(argv[1:])
+    if argv and argv[0] == "scale":
+        return scale_main(argv[1:])
     if argv and argv[0] == "step":
         argv = argv[1:]
     parser = build_parser()
