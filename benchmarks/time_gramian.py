@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
-    from eupmu_kernels.backends.cuda_backend import extension_error, load_extension
+    from eupmu_kernels.backends.native_backend import extension_error, load_extension
 
     ext = load_extension()
     if ext is None:

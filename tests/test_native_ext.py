@@ -1,4 +1,4 @@
-"""The compiled extension eupmu_kernels._C: C++ CPU kernels here, CUDA kernels on a GPU machine.
+"""The native backend, the compiled extension eupmu_kernels._C: C++ CPU kernels here, CUDA kernels on a GPU machine.
 
 Every kernel is checked against the float64 reference applied to the same stored inputs, one
 launch at a time, so low-precision outputs are allowed one rounding of the stored value plus
@@ -21,7 +21,7 @@ from eupmu_kernels import reference as ref
 from eupmu_kernels.backends.base import CA, CB, COEF_LEN, COS, DNORM, LAM, METHOD_CODE, RULE_CODE, SKIP, RuleStateLists
 from eupmu_kernels.backends.base import StepHyper
 from eupmu_kernels.backends.base import SurgeryConfig
-from eupmu_kernels.backends.cuda_backend import CudaBackend, extension_error, load_extension
+from eupmu_kernels.backends.native_backend import NativeBackend, extension_error, load_extension
 from eupmu_kernels.backends.torch_backend import TorchBackend
 
 EXT = load_extension()
@@ -79,14 +79,25 @@ def coef_vector(ca: float, cb: float, skip: float = 0.0, device: str = "cpu") ->
 def test_extension_imports():
     if EXT is None:
         pytest.fail(f"EUPMU_REQUIRE_EXT=1 but eupmu_kernels._C does not import: {extension_error()}")
-    backend = CudaBackend()
-    assert backend.available() and backend.name == "cuda"
-    assert EXT.has_cuda_kernels()
+    backend = NativeBackend()
+    assert backend.available() and backend.name == "native"
     assert backend.supports(torch.device("cpu"), torch.float32)
     assert backend.supports(torch.device("cpu"), torch.bfloat16)
     assert not backend.supports(torch.device("cpu"), torch.float64)
-    assert backend.supports(torch.device("cuda"), torch.float16) == torch.cuda.is_available()
     assert EXT.cpu_isa() in EXT.cpu_isas() and "default" in EXT.cpu_isas()
+
+
+def test_cuda_kernels_are_reported_as_built():
+    """has_cuda_kernels() says what the build compiled in (read independently from the binary:
+    the CUDA kernels' names are in it exactly when they were compiled), and CUDA tensors are
+    taken only then."""
+    built = EXT.has_cuda_kernels()
+    assert isinstance(built, bool)
+    with open(EXT.__file__, "rb") as fh:
+        assert built == (b"gram_chunks_kernel" in fh.read())
+    if torch.version.cuda is None:
+        assert not built  # a CPU-only torch cannot have built them
+    assert NativeBackend().supports(torch.device("cuda"), torch.float16) == (built and torch.cuda.is_available())
 
 
 # ------------------------------------------------------------------------------ Gramian
@@ -173,8 +184,9 @@ def test_coefficients_match_the_torch_formulas(device, method, max_norm, scaled)
             ours = EXT.coefficients(gram, METHOD_CODE[method], cfg.eps, cfg.alpha, max_norm, inv_scale, found_inf)
             want = torch_coefficients.coefficients(gram, cfg, inv_scale, found_inf)
             assert ours.shape == (COEF_LEN,) and ours.device.type == device
+            what = f"{values} found_inf={found_inf}"
             torch.testing.assert_close(ours, want, rtol=2e-6, atol=0, equal_nan=True,
-                                       msg=lambda m: f"{values} found_inf={found_inf}: {m}")
+                                       msg=lambda m, what=what: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -360,8 +372,8 @@ def run_and_check_steps(device: str, rule_name: str, dtype: torch.dtype, state_d
         what = f"{rule_name} {dtype}/{state_dtype} step {k}"
         assert_close_rel(flat64(params), torch.cat([e[0] for e in expected]), OUT_RTOL[dtype], what)
         if dtype == torch.float32:  # the update itself, not only the parameter it lands on
-            assert_close_rel(flat64(params) - torch.cat(before), torch.cat([e[0] for e in expected]) - torch.cat(before),
-                             2e-5, what + " update")
+            moved = torch.cat([e[0] for e in expected]) - torch.cat(before)
+            assert_close_rel(flat64(params) - torch.cat(before), moved, 2e-5, what + " update")
         for slot, lst in ((1, st.exp_avg if rule != "sgd" else st.momentum_buffer), (2, st.exp_avg_sq)):
             if lst and expected[0][slot] is not None:
                 assert_close_rel(flat64(lst), torch.cat([e[slot] for e in expected]), OUT_RTOL[state_dtype],
@@ -401,7 +413,7 @@ def test_skipped_step_changes_nothing(device, rule_name, dtype, state_dtype):
     st = make_state(rule, hp, params, state_dtype, 2.0, seed=33)
     st = RuleStateLists(*[to(lst, device) for lst in (st.step, st.exp_avg, st.exp_avg_sq, st.momentum_buffer)])
     snapshot = [t.clone() for t in params + st.step + st.exp_avg + st.exp_avg_sq + st.momentum_buffer]
-    CudaBackend().step_(rule, params, g_f, g_r, st, coef, hp)
+    NativeBackend().step_(rule, params, g_f, g_r, st, coef, hp)
     after = params + st.step + st.exp_avg + st.exp_avg_sq + st.momentum_buffer
     assert all(torch.equal(x, y) for x, y in zip(after, snapshot))
 
@@ -412,7 +424,7 @@ def test_found_inf_skips_the_step(device):
     grads = to(make_tensors([(50,), (3, 4)], seed=35), device)
     st = RuleStateLists(step=[torch.tensor(1.0, device=device) for _ in params],
                         exp_avg=[torch.zeros_like(p) for p in params], exp_avg_sq=[torch.zeros_like(p) for p in params])
-    backend = CudaBackend()
+    backend = NativeBackend()
     cfg = SurgeryConfig(method="none")
     coef = backend.coefficients(backend.gramian(grads, None), cfg, None, torch.tensor(1.0, device=device))
     snapshot = [t.clone() for t in params + st.step]
@@ -448,9 +460,10 @@ def test_step_hands_back_parameters_it_cannot_take(device):
     assert not torch.equal(params[2], before[2])
 
     ours, theirs = setup(), setup()
-    CudaBackend().step_("adam", ours[0], ours[1], None, ours[2], coef, hp)
+    NativeBackend().step_("adam", ours[0], ours[1], None, ours[2], coef, hp)
     TorchBackend().step_("adam", theirs[0], theirs[1], None, theirs[2], coef, hp)
-    for mine, want in zip(ours[0] + ours[2].exp_avg_sq + ours[2].step, theirs[0] + theirs[2].exp_avg_sq + theirs[2].step):
+    mine_all = ours[0] + ours[2].exp_avg_sq + ours[2].step
+    for mine, want in zip(mine_all, theirs[0] + theirs[2].exp_avg_sq + theirs[2].step):
         torch.testing.assert_close(mine, want, rtol=1e-6, atol=1e-7)
     assert ours[0][0].is_contiguous(memory_format=torch.channels_last)
 
@@ -518,7 +531,7 @@ def train(backend: str, device: str, mode: str, config: dict, steps: int = 20,
 @pytest.mark.parametrize("mode", ["explicit", "implicit"])
 @pytest.mark.parametrize("name", list(OPTIMIZER_CONFIGS))
 def test_optimizer_follows_the_torch_backend(device, mode, name):
-    ours, opt = train("cuda", device, mode, OPTIMIZER_CONFIGS[name])
+    ours, opt = train("native", device, mode, OPTIMIZER_CONFIGS[name])
     theirs, twin = train("torch", device, mode, OPTIMIZER_CONFIGS[name])
     assert_close_rel(flat64(ours.parameters()).cpu(), flat64(theirs.parameters()).cpu(), 1e-5, f"{name} {mode}")
     for p, q in zip(ours.parameters(), theirs.parameters()):
@@ -529,7 +542,7 @@ def test_optimizer_follows_the_torch_backend(device, mode, name):
 @pytest.mark.parametrize("device", DEVICES)
 def test_optimizer_bf16_params_with_float32_state(device):
     config = dict(OPTIMIZER_CONFIGS["adamw"], state_dtype=torch.float32)
-    ours, opt = train("cuda", device, "explicit", config, steps=10, dtype=torch.bfloat16)
+    ours, opt = train("native", device, "explicit", config, steps=10, dtype=torch.bfloat16)
     theirs, _ = train("torch", device, "explicit", config, steps=10, dtype=torch.bfloat16)
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     assert_close_rel(flat64(ours.parameters()).cpu(), flat64(theirs.parameters()).cpu(), 3e-2, "bf16 params")
@@ -539,7 +552,7 @@ def test_writes_bump_autograd_versions():
     p = torch.nn.Parameter(torch.randn(10))
     version = p._version
     st = RuleStateLists(step=[torch.tensor(0.0)])
-    CudaBackend().step_("sgd", [p], [torch.randn(10)], None, st, coef_vector(1.0, 0.0), StepHyper(lr=0.1))
+    NativeBackend().step_("sgd", [p], [torch.randn(10)], None, st, coef_vector(1.0, 0.0), StepHyper(lr=0.1))
     assert p._version > version and st.step[0].item() == 1.0
 
 
@@ -560,13 +573,13 @@ def test_cuda_unaligned_views_take_the_element_path(dtype):
     for params, gf, gr in (([p], [g_f], [g_r]), ([aligned[0]], [aligned[1]], [aligned[2]])):
         st = RuleStateLists(step=[torch.tensor(0.0, device="cuda")], exp_avg=[torch.zeros_like(params[0])],
                             exp_avg_sq=[torch.zeros_like(params[0])])
-        CudaBackend().step_("adamw", params, gf, gr, st, coef_vector(1.0, 0.5, device="cuda"), hp)
+        NativeBackend().step_("adamw", params, gf, gr, st, coef_vector(1.0, 0.5, device="cuda"), hp)
     torch.testing.assert_close(p, aligned[0], rtol=0, atol=0)
 
 
 @pytest.mark.gpu
 def test_cuda_step_does_not_synchronise():
-    model, opt = train("cuda", "cuda", "explicit", OPTIMIZER_CONFIGS["adamw"], steps=2)
+    model, opt = train("native", "cuda", "explicit", OPTIMIZER_CONFIGS["adamw"], steps=2)
     x = torch.randn(8, 12, device="cuda")
     opt.zero_grad()
     model(x).square().mean().backward()
