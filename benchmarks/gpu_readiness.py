@@ -13,7 +13,8 @@ compile (Triton ships its own ptxas), dynamic shared memory from the compiled me
 PTX is searched for the 128-bit global loads and stores of the fast paths.
 
 CUDA: ``csrc/cuda_kernels.cu`` (free of torch headers) is compiled by nvcc with the flags of the
-extension build plus ``-Xptxas -v`` for each target; every kernel instantiation is one row.
+extension build plus ``-Xptxas -v`` for each target, against the contract header generated from
+``eupmu_kernels.contract`` as the build does; every kernel instantiation is one row.
 
 Writes ``DIR/gpu_readiness.json`` (one row per backend, kernel, specialisation, arch and
 toolchain) and ``DIR/gpu_readiness.md`` (summary, failures, occupancy, and a bytes-model
@@ -376,14 +377,20 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def _nvcc_flags() -> list[str]:
-    """The extension build's nvcc flags (csrc/build_ext_config.py plus torch's common flags)."""
+def _build_config():
+    """csrc/build_ext_config.py, the extension build's description."""
     sys.path.insert(0, os.path.join(REPO, "csrc"))
     try:
-        from build_ext_config import NVCC_FLAGS  # type: ignore[import-not-found]
+        import build_ext_config  # type: ignore[import-not-found]
     finally:
         sys.path.pop(0)
-    flags = list(NVCC_FLAGS)
+    return build_ext_config
+
+
+def _nvcc_flags() -> list[str]:
+    """The extension build's nvcc flags (csrc/build_ext_config.py plus torch's common flags), with
+    the CUDA part switched on as in a CUDA build."""
+    flags = list(_build_config().NVCC_FLAGS) + ["-DEUPMU_WITH_CUDA=1"]
     try:
         from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
@@ -464,9 +471,14 @@ def cuda_rows(archs: list[int], workdir: str) -> list[Row]:
     m = re.search(r"release (\d+\.\d+)", version)
     toolchain = f"nvcc {m.group(1) if m else '?'}"
     rows: list[Row] = []
+    try:  # the contract header, generated as the build does (never from a copy in the tree)
+        generated = _build_config().write_contract_header(REPO, os.path.join(workdir, "generated"))
+    except Exception as err:  # reported as failed rows
+        return [Row(backend="cuda", kernel="*", specialization="*", arch=f"sm_{a}", toolchain=toolchain,
+                    compiled=False, error=f"eupmu_contract.h: {err}") for a in archs]
     for capability in archs:
         arch = f"sm_{capability}"
-        base = [nvcc, *_nvcc_flags(), f"-I{os.path.join(REPO, 'csrc')}", f"-arch={arch}", source]
+        base = [nvcc, *_nvcc_flags(), f"-I{os.path.join(REPO, 'csrc')}", f"-I{generated}", f"-arch={arch}", source]
         start = time.perf_counter()
         cubin = os.path.join(workdir, f"cuda_kernels_{arch}.cubin")
         res = subprocess.run(base + ["-cubin", "-Xptxas", "-v", "-o", cubin], capture_output=True, text=True)

@@ -1,5 +1,6 @@
-// Python module eupmu_kernels._C: the kernel contract of eupmu_kernels/backends/base.py, routed
-// to the CUDA or the CPU implementation by the tensors' device.
+// Python module eupmu_kernels._C, the native backend: the kernel contract of
+// eupmu_kernels/contract.py, routed by the tensors' device to the C++ CPU kernels (always built)
+// or to the CUDA kernels (built when EUPMU_WITH_CUDA is defined: setup.py, CUDAExtension).
 #include <torch/extension.h>
 
 #include "device_ops.h"
@@ -7,31 +8,51 @@
 namespace eupmu {
 namespace {
 
-bool on_cuda(const at::Tensor& t) { return t.is_cuda(); }
+#if defined(EUPMU_WITH_CUDA)
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+// The CPU kernels take t: anything but a CPU tensor is an error here (CUDA tensors are routed
+// before this when the CUDA kernels are built).
+void check_cpu(const at::Tensor& t) {
+  TORCH_CHECK(!t.is_cuda(), "eupmu_kernels._C was built without its CUDA kernels (C++ CPU kernels only); "
+              "rebuild it with a CUDA build of torch and nvcc (EUPMU_BUILD_CUDA=1), or use backend='triton'");
+  TORCH_CHECK(t.device().is_cpu(), "eupmu_kernels._C runs on CPU and CUDA tensors, got a tensor on ", t.device());
+}
 
 at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
   TORCH_CHECK(!a.empty(), "gramian: the tensor list is empty");
-  return on_cuda(a[0]) ? cuda_ops::gramian(a, b) : cpu_ops::gramian(a, b);
+#if defined(EUPMU_WITH_CUDA)
+  if (a[0].is_cuda()) return cuda_ops::gramian(a, b);
+#endif
+  check_cpu(a[0]);
+  return cpu_ops::gramian(a, b);
 }
 
 at::Tensor coefficients(const at::Tensor& gram, int64_t method, double eps, double alpha,
                         std::optional<double> max_norm, const std::optional<at::Tensor>& inv_scale,
                         const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(method >= kUngrad && method <= kMethodNone, "unknown surgery method code ", method);
+  TORCH_CHECK(method >= 0 && method < kMethodCount, "unknown surgery method code ", method);
   CoefficientArgs args;
   args.spec = SurgerySpec{static_cast<int>(method), eps, alpha, max_norm.value_or(0.0), max_norm.has_value() ? 1 : 0};
   args.inv_scale = inv_scale;
   args.found_inf = found_inf;
-  return on_cuda(gram) ? cuda_ops::coefficients(gram, args) : cpu_ops::coefficients(gram, args);
+#if defined(EUPMU_WITH_CUDA)
+  if (gram.is_cuda()) return cuda_ops::coefficients(gram, args);
+#endif
+  check_cpu(gram);
+  return cpu_ops::coefficients(gram, args);
 }
 
 void combine(const TensorList& grads_f, const std::optional<TensorList>& grads_r, const at::Tensor& coef) {
   TORCH_CHECK(!grads_f.empty(), "combine_: grads_f is empty");
-  if (on_cuda(grads_f[0])) {
-    cuda_ops::combine(grads_f, grads_r, coef);
-  } else {
-    cpu_ops::combine(grads_f, grads_r, coef);
-  }
+#if defined(EUPMU_WITH_CUDA)
+  if (grads_f[0].is_cuda()) return cuda_ops::combine(grads_f, grads_r, coef);
+#endif
+  check_cpu(grads_f[0]);
+  cpu_ops::combine(grads_f, grads_r, coef);
 }
 
 std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorList& grads_f,
@@ -58,7 +79,40 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
   req.momentum = momentum;
   req.dampening = dampening;
   req.nesterov = nesterov;
-  return on_cuda(params[0]) ? cuda_ops::step(req, coef) : cpu_ops::step(req, coef);
+#if defined(EUPMU_WITH_CUDA)
+  if (params[0].is_cuda()) return cuda_ops::step(req, coef);
+#endif
+  check_cpu(params[0]);
+  return cpu_ops::step(req, coef);
+}
+
+// The slot indices and codes this module was compiled with (eupmu_contract.h), under the names of
+// the Python registries, so a test can compare them with eupmu_kernels.contract.
+pybind11::dict contract_codes() {
+  pybind11::dict slots, methods, rules, out;
+  slots["ca"] = kCa;
+  slots["cb"] = kCb;
+  slots["skip"] = kSkip;
+  slots["lam"] = kLam;
+  slots["clip"] = kClip;
+  slots["cos"] = kCos;
+  slots["dnorm"] = kDnorm;
+  slots["a"] = kA;
+  methods["ungrad"] = static_cast<int>(kMethodUngrad);
+  methods["pcgrad"] = static_cast<int>(kMethodPcgrad);
+  methods["graddiff"] = static_cast<int>(kMethodGraddiff);
+  methods["none"] = static_cast<int>(kMethodNone);
+  rules["sgd"] = static_cast<int>(kRuleSgd);
+  rules["adam"] = static_cast<int>(kRuleAdam);
+  rules["adamw"] = static_cast<int>(kRuleAdamw);
+  out["coef_len"] = kCoefLen;
+  out["slots"] = slots;
+  out["clip_eps"] = kClipEps;
+  out["methods"] = methods;
+  out["method_count"] = kMethodCount;
+  out["rules"] = rules;
+  out["rule_count"] = kRuleCount;
+  return out;
 }
 
 }  // namespace
@@ -67,7 +121,7 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using py::arg;
-  m.doc() = "EUPMU surgery kernels: Gramian, coefficients, combine and fused updates (CUDA and C++ CPU)";
+  m.doc() = "EUPMU surgery kernels (the native backend): Gramian, coefficients, combine and fused updates";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
 
   m.def("gramian", &eupmu::gramian, nogil, arg("a"), arg("b") = py::none(),
@@ -84,9 +138,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("beta2"), arg("eps"), arg("weight_decay"), arg("momentum"), arg("dampening"), arg("nesterov"),
         "fused combine + update in place; returns the indices it left to the caller (unsupported layouts)");
 
-  m.def("has_cuda_kernels", []() { return true; }, "whether the CUDA kernels were compiled in");
-  m.def("cuda_chunk_numel", &eupmu::cuda_ops::chunk_numel);
-  m.def("cpu_chunk_numel", &eupmu::cpu_ops::chunk_numel);
+  m.def("has_cuda_kernels", []() { return eupmu::kWithCuda; },
+        "whether this build compiled in the CUDA kernels (else CUDA tensors are refused)");
+  m.def("contract_codes", &eupmu::contract_codes, "the coefficient slots and rule codes compiled in");
   m.def("cpu_isa", &eupmu::cpu_ops::active_isa, "the CPU kernel variant in use");
   m.def("set_cpu_isa", &eupmu::cpu_ops::select_isa, arg("isa"),
         "use another CPU kernel variant: 'auto' or one of cpu_isas()");

@@ -222,7 +222,5 @@ std::vector<std::string> supported_isas() {
   return out;
 }
 
-int64_t chunk_numel() { return kChunk; }
-
 }  // namespace cpu_ops
 }  // namespace eupmu

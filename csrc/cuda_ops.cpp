@@ -89,7 +89,7 @@ void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::
   const at::Device device = coef.device();
   const DeviceMeta meta = upload_meta(rows, numels, device);
   cuda::UpdateLaunch launch;
-  launch.kind = req.rule != kSgd            ? cuda::UpdateKind::kAdam
+  launch.kind = req.rule != kRuleSgd        ? cuda::UpdateKind::kAdam
                 : uses_momentum_buffer(req) ? cuda::UpdateKind::kSgdMomentum
                                             : cuda::UpdateKind::kSgdPlain;
   launch.param = group.param_dtype;
@@ -162,8 +162,6 @@ std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef) {
   bump_versions(plan);
   return plan.fallback;
 }
-
-int64_t chunk_numel() { return kChunk; }
 
 }  // namespace cuda_ops
 }  // namespace eupmu

@@ -1,5 +1,6 @@
 // The two implementations of the extension's operations, one per device type. bindings.cpp
-// picks one from the tensors' device.
+// picks one from the tensors' device; cuda_ops exists only in builds with the CUDA kernels
+// (EUPMU_WITH_CUDA).
 #pragma once
 
 #include <optional>
@@ -25,7 +26,6 @@ std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
 std::string active_isa();
 void select_isa(const std::string& isa);  // "auto" picks the best one the CPU supports
 std::vector<std::string> supported_isas();
-int64_t chunk_numel();
 }  // namespace cpu_ops
 
 namespace cuda_ops {
@@ -33,8 +33,6 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b);
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
-
-int64_t chunk_numel();
 }  // namespace cuda_ops
 
 }  // namespace eupmu

@@ -162,7 +162,7 @@ void finish_combine(CombineWork& work) {
   bump_versions(work.gf);
 }
 
-bool uses_momentum_buffer(const UpdateRequest& req) { return req.rule == kSgd && req.momentum != 0.0; }
+bool uses_momentum_buffer(const UpdateRequest& req) { return req.rule == kRuleSgd && req.momentum != 0.0; }
 
 RuleHyper rule_hyper(const UpdateRequest& req) {
   return make_rule_hyper(req.lr, req.beta1, req.beta2, req.eps, req.weight_decay, req.momentum, req.dampening,
@@ -170,12 +170,12 @@ RuleHyper rule_hyper(const UpdateRequest& req) {
 }
 
 UpdatePlan plan_update(const UpdateRequest& req, const at::Device& device) {
-  TORCH_CHECK(req.rule == kSgd || req.rule == kAdam || req.rule == kAdamW, "unknown rule code ", req.rule);
+  TORCH_CHECK(req.rule >= 0 && req.rule < kRuleCount, "unknown rule code ", req.rule);
   const size_t n = req.params.size();
   check_list_length(req.grads_f, n, "grads_f");
   check_list_length(req.steps, n, "step");
   if (req.grads_r) check_list_length(*req.grads_r, n, "grads_r");
-  const bool adam = req.rule != kSgd;
+  const bool adam = req.rule != kRuleSgd;
   const bool momentum = uses_momentum_buffer(req);
   if (adam) {
     check_list_length(req.exp_avg, n, "exp_avg");

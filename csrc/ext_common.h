@@ -53,7 +53,7 @@ struct UpdateGroup {
 };
 
 struct UpdateRequest {
-  int rule = kAdamW;
+  int rule = kRuleAdamw;
   TensorList params, grads_f;
   std::optional<TensorList> grads_r;
   TensorList steps, exp_avg, exp_avg_sq, momentum_buffer;

@@ -15,7 +15,7 @@ from gramian_range import huge_pair, tiny_forget_pair, truth, wide_range_pair
 from helpers import SIZE_CASES, STORE_RTOL, assert_close_rel, flat64, make_tensors
 from torch import Tensor
 
-from eupmu_kernels import EUPMU
+from eupmu_kernels import EUPMU, contract
 from eupmu_kernels import coefficients as torch_coefficients
 from eupmu_kernels import reference as ref
 from eupmu_kernels.backends.base import CA, CB, COEF_LEN, COS, DNORM, LAM, METHOD_CODE, RULE_CODE, SKIP, RuleStateLists
@@ -100,6 +100,17 @@ def test_cuda_kernels_are_reported_as_built():
     assert NativeBackend().supports(torch.device("cuda"), torch.float16) == (built and torch.cuda.is_available())
 
 
+def test_compiled_codes_are_the_python_ones():
+    """The slots and codes the kernels were compiled with (the generated eupmu_contract.h) are
+    those of the Python registries."""
+    codes = EXT.contract_codes()
+    assert codes["coef_len"] == contract.COEF_LEN
+    assert codes["slots"] == {name: i for i, name in enumerate(contract.COEF_SLOTS)}
+    assert codes["clip_eps"] == contract.CLIP_EPS
+    assert codes["methods"] == contract.surgery_codes() and codes["method_count"] == len(codes["methods"])
+    assert codes["rules"] == contract.rule_codes() and codes["rule_count"] == len(codes["rules"])
+
+
 # ------------------------------------------------------------------------------ Gramian
 
 
@@ -174,7 +185,7 @@ GRAMS = [
 @pytest.mark.parametrize("max_norm", [None, 0.5])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_coefficients_match_the_torch_formulas(device, method, max_norm, scaled):
-    cfg = SurgeryConfig(method=method, eps=0.05, alpha=0.3, max_norm=max_norm)
+    cfg = SurgeryConfig(method=method, tolerance=0.05, alpha=0.3, max_norm=max_norm)
     inv_scale = torch.tensor(1.0 / 1024, device=device) if scaled else None
     for values in GRAMS:
         gram = torch.tensor(values, dtype=torch.float32, device=device)
