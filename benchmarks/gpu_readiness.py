@@ -444,7 +444,7 @@ def _kernel_and_template_args(demangled: str) -> tuple[str, str]:
 
 
 CUDA_THREADS = {"gram_chunks_kernel": 512, "gram_cleanup_kernel": 256, "coefficients_kernel": 1,
-                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 128}
+                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 64}
 
 
 def _cuda_expected_v4(kernel: str, spec: str) -> tuple[int | None, int | None]:
@@ -501,7 +501,7 @@ def cuda_rows(archs: list[int], workdir: str) -> list[Row]:
                       stack_bytes=st["stack_bytes"], shared_bytes=st["smem"],
                       threads_per_block=CUDA_THREADS.get(kernel), compile_seconds=round(seconds, 1))
             if mangled in entries:
-                # table-held pointers: nvcc's 16-byte accesses are generic-space (ld.v4, st.v4)
+                # pointers from the launch arguments: nvcc's 16-byte accesses are generic-space (ld.v4, st.v4)
                 row.ld_global_v4, row.st_global_v4 = count_v4(entries[mangled], global_only=False)
                 row.expected_v4_loads, row.expected_v4_stores = _cuda_expected_v4(kernel, spec)
             row.extra = {"mangled": mangled}
@@ -514,9 +514,9 @@ def cuda_rows(archs: list[int], workdir: str) -> list[Row]:
 
 def bytes_projection(numel: float = 1e8) -> list[dict]:
     """Per-kernel bytes at ``numel`` parameters and the time they take at peak HBM bandwidth (a model)."""
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, HERE)  # the folder that holds the eupmu_bench package
     try:
-        from bytes_model import StorageSizes  # type: ignore[import-not-found]
+        from eupmu_bench.bytes_model import StorageSizes
     finally:
         sys.path.pop(0)
     layouts = {"fp32": StorageSizes(4, 4, 4), "bf16 params, fp32 state": StorageSizes(2, 2, 4),

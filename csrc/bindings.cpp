@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "device_ops.h"
+#include "launch_plan.h"
 
 namespace eupmu {
 namespace {
@@ -115,6 +116,63 @@ pybind11::dict contract_codes() {
   return out;
 }
 
+// The CUDA launch plan of a tensor list, computed by the host code the CUDA path runs
+// (launch_plan.h) for given addresses and sizes, which may be fake: no GPU is touched. For each
+// launch: its slice, the kernel arguments as packed, and for each block the chunk locate() finds
+// (global tensor index, first element, length); plus the per-tensor ranges of the Gramian's
+// finishing pass. Two address rows plan a Gramian/combine list, six an update list.
+template <int kRows>
+pybind11::dict plan_of(const std::vector<std::vector<uint64_t>>& rows, const std::vector<int64_t>& numels) {
+  using Args = launch::TensorListArgs<kRows>;
+  pybind11::list launches;
+  for (const launch::LaunchSlice& s : launch::plan_launches(numels, Args::kCapacity)) {
+    const Args a = launch::pack_launch<kRows>(s, rows, numels);
+    pybind11::list addresses, blocks;
+    for (int r = 0; r < kRows; ++r) {
+      pybind11::list row;
+      for (int t = 0; t < a.ntensors; ++t) row.append(a.addr[r][t]);
+      addresses.append(row);
+    }
+    for (int32_t b = 0; b < s.nchunks; ++b) {
+      const launch::ChunkRef c = launch::locate(a, b);
+      blocks.append(pybind11::make_tuple(s.first_tensor + c.tensor, c.start, c.n));
+    }
+    pybind11::dict d;
+    d["first_tensor"] = s.first_tensor;
+    d["ntensors"] = a.ntensors;
+    d["chunk_base"] = a.chunk_base;
+    d["nchunks"] = s.nchunks;
+    d["addresses"] = addresses;
+    d["blocks"] = blocks;
+    launches.append(d);
+  }
+  std::vector<int64_t> out_rows(numels.size());
+  for (size_t t = 0; t < numels.size(); ++t) out_rows[t] = static_cast<int64_t>(t);
+  pybind11::list ranges;
+  for (const launch::SlotRanges& r : launch::per_tensor_ranges(numels, out_rows)) {
+    pybind11::list launch_ranges;
+    for (int i = 0; i < r.nranges; ++i) {
+      launch_ranges.append(pybind11::make_tuple(r.first[i], r.count[i], r.out_row[i]));
+    }
+    ranges.append(launch_ranges);
+  }
+  pybind11::dict out;
+  out["capacity"] = Args::kCapacity;
+  out["arg_bytes"] = sizeof(Args);
+  out["chunk"] = launch::kChunk;
+  out["range_capacity"] = launch::kRangeCapacity;
+  out["launches"] = launches;
+  out["ranges"] = ranges;
+  return out;
+}
+
+pybind11::dict launch_plan(const std::vector<std::vector<uint64_t>>& addresses, const std::vector<int64_t>& numels) {
+  for (const auto& row : addresses) TORCH_CHECK(row.size() == numels.size(), "one address per tensor in each row");
+  if (addresses.size() == 2) return plan_of<2>(addresses, numels);
+  TORCH_CHECK(addresses.size() == 6, "2 (Gramian, combine) or 6 (update) address rows, got ", addresses.size());
+  return plan_of<6>(addresses, numels);
+}
+
 }  // namespace
 }  // namespace eupmu
 
@@ -141,6 +199,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cuda_kernels", []() { return eupmu::kWithCuda; },
         "whether this build compiled in the CUDA kernels (else CUDA tensors are refused)");
   m.def("contract_codes", &eupmu::contract_codes, "the coefficient slots and rule codes compiled in");
+  m.def("_launch_plan", &eupmu::launch_plan, arg("addresses"), arg("numels"),
+        "the CUDA path's launch plan for (possibly fake) addresses and sizes, computed on the host; for tests");
   m.def("cpu_isa", &eupmu::cpu_ops::active_isa, "the CPU kernel variant in use");
   m.def("set_cpu_isa", &eupmu::cpu_ops::select_isa, arg("isa"),
         "use another CPU kernel variant: 'auto' or one of cpu_isas()");
