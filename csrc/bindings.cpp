@@ -23,13 +23,13 @@ void check_cpu(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "eupmu_kernels._C runs on CPU and CUDA tensors, got a tensor on ", t.device());
 }
 
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor) {
   TORCH_CHECK(!a.empty(), "gramian: the tensor list is empty");
 #if defined(EUPMU_WITH_CUDA)
-  if (a[0].is_cuda()) return cuda_ops::gramian(a, b);
+  if (a[0].is_cuda()) return cuda_ops::gramian(a, b, per_tensor);
 #endif
   check_cpu(a[0]);
-  return cpu_ops::gramian(a, b);
+  return cpu_ops::gramian(a, b, per_tensor);
 }
 
 at::Tensor coefficients(const at::Tensor& gram, int64_t method, double eps, double alpha,
@@ -182,9 +182,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "EUPMU surgery kernels (the native backend): Gramian, coefficients, combine and fused updates";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
 
-  m.def("gramian", &eupmu::gramian, nogil, arg("a"), arg("b") = py::none(),
+  m.def("gramian", &eupmu::gramian, nogil, arg("a"), arg("b") = py::none(), arg("per_tensor") = false,
         "float64[3] (<a,a>, <a,b>, <b,b>) over a tensor list of one dtype and device (float64 products and "
-        "sums, deterministic)");
+        "sums, deterministic); with per_tensor, float64[n, 3]: row i is pair i's own Gramian, bit for bit");
   m.def("coefficients", &eupmu::coefficients, nogil, arg("gram"), arg("method"), arg("eps"), arg("alpha"),
         arg("max_norm") = py::none(), arg("inv_scale") = py::none(), arg("found_inf") = py::none(),
         "the float32[8] coefficient vector from a float64 (or float32) Gramian, computed in float64 on the "

@@ -71,7 +71,7 @@ void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::
 
 }  // namespace
 
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor) {
   const ReadPairs pairs = prepare_read_pairs(a, b, "gramian");
   const at::Device device = a[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -90,6 +90,13 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
   for_each_launch<cuda::kGramRows>(rows, numels, [&](const cuda::GramArgs& args, const launch::LaunchSlice& s) {
     C10_CUDA_CHECK(cuda::launch_gramian_chunks(dtype, pairs.has_b, args, s.nchunks, slots.data_ptr<double>(), stream));
   });
+  if (per_tensor) {  // one range per pair, its row at the pair's position; empty tensors stay zero
+    at::Tensor out = at::zeros({static_cast<int64_t>(a.size()), 3}, f64);
+    for (const launch::SlotRanges& ranges : launch::per_tensor_ranges(numels, pairs.index)) {
+      C10_CUDA_CHECK(cuda::launch_gramian_finish(slots.data_ptr<double>(), ranges, out.data_ptr<double>(), stream));
+    }
+    return out;
+  }
   at::Tensor out = at::empty({3}, f64);
   C10_CUDA_CHECK(cuda::launch_gramian_finish(slots.data_ptr<double>(), launch::total_range(nchunks),
                                              out.data_ptr<double>(), stream));

@@ -17,8 +17,10 @@ struct CoefficientArgs {
   std::optional<at::Tensor> found_inf;
 };
 
+// gramian: float64[3] over the whole list or, with per_tensor, float64[n, 3] with row i the total of
+// pair i alone, bit for bit what a call with that pair alone returns (zeros for empty tensors).
 namespace cpu_ops {
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b);
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor);
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
@@ -29,7 +31,7 @@ std::vector<std::string> supported_isas();
 }  // namespace cpu_ops
 
 namespace cuda_ops {
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b);
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor);
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);

@@ -120,6 +120,7 @@ ReadPairs prepare_read_pairs(const TensorList& a, const std::optional<TensorList
     check_same_kind(a[i], first, "a", "a[0]", i);
     if (out.has_b) check_partner((*b)[i], a[i], "b", "its partner in a", i);
     if (a[i].numel() == 0) continue;
+    out.index.push_back(static_cast<int64_t>(i));
     const bool usable = is_dense(a[i]) && (!out.has_b || (is_dense((*b)[i]) && same_memory_order(a[i], (*b)[i])));
     if (usable) {
       out.a.push_back(a[i]);

@@ -22,6 +22,7 @@ bool is_kernel_dtype(at::ScalarType t);
 struct ReadPairs {
   TensorList a;
   TensorList b;  // empty when there is no second list
+  std::vector<int64_t> index;  // position of each pair in the caller's lists
   bool has_b = false;
 };
 

@@ -146,6 +146,25 @@ def test_gramian_is_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_b", [True, False])
+def test_per_tensor_rows_are_each_tensors_own_gramian(device, with_b):
+    """Row i of gramian(..., per_tensor=True) is bit for bit what tensor i alone gives (the slot the
+    backward-pass hook fills), empty tensors give zero rows; 200 tensors and a 300k-element one take
+    several launches and several chunks on either device."""
+    shapes = [(3 + i % 11,) for i in range(200)] + [(0,), (300_001,), (7, 5)]
+    a = to(make_tensors(shapes, dtype=torch.bfloat16, seed=70), device)
+    b = to(make_tensors(shapes, dtype=torch.bfloat16, seed=71), device) if with_b else None
+    rows = EXT.gramian(a, b, per_tensor=True)
+    assert rows.shape == (len(a), 3) and rows.dtype == torch.float64 and rows.device.type == device
+    for i in range(len(a)):
+        assert torch.equal(rows[i], EXT.gramian([a[i]], None if b is None else [b[i]])), i
+    assert torch.equal(rows[200], torch.zeros(3, dtype=torch.float64, device=device))
+    torch.testing.assert_close(rows.sum(0), EXT.gramian(a, b), rtol=1e-12, atol=0)
+    if not with_b:
+        assert not rows[:, 1:].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_gramian_sees_nonfinite_values(device, bad):
     a = make_tensors(SIZE_CASES["many_small_plus_large"], seed=5)

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..reductions import sum_rows
 from .base import METHOD_CODE, RULE_CODE, RuleStateLists, StepHyper, SurgeryConfig
 from .torch_backend import TorchBackend
 
@@ -73,7 +74,14 @@ class NativeBackend:
         return device.type == "cpu"
 
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
-        return _ext().gramian(list(a), None if b is None else list(b))
+        # Per-tensor float64 totals, then the fixed-order column sum of eupmu_kernels.reductions:
+        # the order in which the post-accumulate-grad hooks' slots are summed, so the Gramian is
+        # bit-identical whether the hooks or the step formed it (docs/design.md, Kernel contract).
+        # One tensor is its own total (the hooks' case): no sum to form.
+        a, b = list(a), None if b is None else list(b)
+        if len(a) == 1:
+            return _ext().gramian(a, b)
+        return sum_rows(_ext().gramian(a, b, per_tensor=True))
 
     def coefficients(self, gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None,
                      found_inf: Tensor | None) -> Tensor:
