@@ -30,13 +30,26 @@ PACKAGES = [*find_packages(ROOT, include=["eupmu_kernels", "eupmu_kernels.*", "e
             *find_packages(os.path.join(ROOT, "benchmarks"), include=["eupmu_bench", "eupmu_bench.*"])]
 PACKAGE_DIR = {"eupmu_bench": "benchmarks/eupmu_bench"}
 
-sys.path.insert(0, os.path.join(ROOT, "csrc"))
-import build_ext_config as config  # noqa: E402  (csrc/build_ext_config.py)
+CONFIG = os.path.join(ROOT, "csrc", "build_ext_config.py")
 
-sys.path.pop(0)
+
+def _load_config():
+    sys.path.insert(0, os.path.dirname(CONFIG))
+    try:
+        import build_ext_config  # csrc/build_ext_config.py
+    finally:
+        sys.path.pop(0)
+    return build_ext_config
 
 
 def _extensions():
+    if not os.path.isfile(CONFIG):  # a source tree without csrc/: nothing to compile
+        asked = [name for name in ("EUPMU_BUILD_EXT", "EUPMU_BUILD_CUDA") if os.environ.get(name, "").strip() == "1"]
+        if asked:
+            sys.exit(f"eupmu_kernels: {asked[0]}=1 but the extension's sources (csrc/) are not here")
+        print("eupmu_kernels: skipping the compiled extension (no csrc/ in this source tree)", file=sys.stderr)
+        return [], {}
+    config = _load_config()
     try:
         ext_mode, cuda_mode = config.read_mode("EUPMU_BUILD_EXT"), config.read_mode("EUPMU_BUILD_CUDA")
     except ValueError as err:
@@ -52,7 +65,12 @@ def _extensions():
         os.environ["CUDA_HOME"] = config.find_cuda_home()  # must precede the cpp_extension import
     from torch.utils.cpp_extension import BuildExtension
 
-    return [config.make_extension(ROOT, cuda=plan.cuda)], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def build_extensions(self):
+            config.write_contract_header(ROOT)  # the generated slots and codes, on the include path
+            super().build_extensions()
+
+    return [config.make_extension(ROOT, cuda=plan.cuda)], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extensions()

@@ -247,8 +247,9 @@ def sources(root: str, cuda: bool) -> list[str]:
 
 def make_extension(root: str, cuda: bool):
     """The extension: a CppExtension (C++ CPU kernels), or a CUDAExtension with the CUDA kernels
-    too. With cuda, CUDA_HOME must be set before torch.utils.cpp_extension is imported."""
-    include_dirs = [os.path.join(root, "csrc"), write_contract_header(root)]
+    too. With cuda, CUDA_HOME must be set before torch.utils.cpp_extension is imported. The build
+    command writes the generated header (write_contract_header) before it compiles."""
+    include_dirs = [os.path.join(root, "csrc"), generated_include_dir(root)]
     if not cuda:
         from torch.utils.cpp_extension import CppExtension
 

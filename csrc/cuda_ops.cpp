@@ -25,12 +25,12 @@ std::vector<int64_t> numels_of(const TensorList& tensors) {
   return out;
 }
 
-// Calls launch(args, slice) for each launch of the list, in order.
+// Calls run(args, slice) for each launch of the list, in order.
 template <int kRows, typename F>
-void for_each_launch(const AddressRows& rows, const std::vector<int64_t>& numels, const F& launch) {
+void for_each_launch(const AddressRows& rows, const std::vector<int64_t>& numels, const F& run) {
   const std::vector<launch::LaunchSlice> slices =
       launch::plan_launches(numels, launch::TensorListArgs<kRows>::kCapacity);
-  for (const launch::LaunchSlice& s : slices) launch(launch::pack_launch<kRows>(s, rows, numels), s);
+  for (const launch::LaunchSlice& s : slices) run(launch::pack_launch<kRows>(s, rows, numels), s);
 }
 
 cudaStream_t current_stream(const at::Device& device) {

@@ -625,6 +625,63 @@ def test_cuda_step_does_not_synchronise():
 
 
 @pytest.mark.gpu
+def test_cuda_step_copies_nothing_to_the_device():
+    """The launch metadata travels in the kernel arguments: a steady-state step (explicit, AdamW,
+    clipping) issues no host-to-device copy, over more tensors than one launch takes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(40)]).cuda()  # 80 tensors
+    opt = EUPMU(model.parameters(), mode="explicit", backend="native", max_grad_norm=1.0, lr=1e-3)
+    x = torch.randn(8, 16, device="cuda")
+
+    def iteration():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.stash_retain_grad()
+        model(x).mean().backward()
+
+    for _ in range(2):
+        iteration()
+        opt.step()
+    iteration()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "HtoD" in e.name]
+    assert copies == [], copies
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_cuda_hooks_and_step_give_the_same_gramian_bits(mode):
+    """On the GPU too, the native in-step Gramian (per-tensor rows, then reductions.sum_rows) equals
+    the one the backward-pass hooks form, bit for bit."""
+    grams = []
+    for in_backward in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 3000), torch.nn.Tanh(), torch.nn.Linear(3000, 40),
+                                    torch.nn.Tanh(), torch.nn.Linear(40, 4)).cuda()
+        opt = EUPMU(model.parameters(), mode=mode, backend="native", gramian_in_backward=in_backward, lr=1e-3,
+                    max_grad_norm=1.0, dual="paper")
+        x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1)).cuda()
+        for _ in range(2):
+            opt.zero_grad()
+            forget, retain = -model(x[:32]).square().mean(), model(x[32:]).square().mean()
+            if mode == "explicit":
+                retain.backward()
+                opt.stash_retain_grad()
+                forget.backward()
+            else:
+                opt.combine(forget, retain).backward()
+            opt.step()
+        assert opt.gramian_source == ("backward" if in_backward else "step")
+        grams.append(opt.stats()["gramian"].cpu())
+    assert torch.equal(grams[0], grams[1]), grams
+
+
+@pytest.mark.gpu
 def test_cuda_tensor_over_two_to_the_31_elements():
     """int64 sizes and offsets: one bf16 tensor of 2^31 + 4099 elements (the last chunk is partial)."""
     n = (1 << 31) + 4099
