@@ -15,8 +15,8 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
-// The CPU kernels take t: anything but a CPU tensor is an error here (CUDA tensors are routed
-// before this when the CUDA kernels are built).
+// Only CPU tensors go on to the C++ CPU kernels. A CUDA tensor gets here only in a build without
+// the CUDA kernels (with them, the callers route it first).
 void check_cpu(const at::Tensor& t) {
   TORCH_CHECK(!t.is_cuda(), "eupmu_kernels._C was built without its CUDA kernels (C++ CPU kernels only); "
               "rebuild it with a CUDA build of torch and nvcc (EUPMU_BUILD_CUDA=1), or use backend='triton'");

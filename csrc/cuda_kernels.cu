@@ -15,7 +15,6 @@ namespace cuda {
 namespace {
 
 using launch::ChunkRef;
-using launch::kChunk;
 using launch::locate;
 
 constexpr int kBlock = 512;
