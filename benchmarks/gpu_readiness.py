@@ -13,7 +13,8 @@ compile (Triton ships its own ptxas), dynamic shared memory from the compiled me
 PTX is searched for the 128-bit global loads and stores of the fast paths.
 
 CUDA: ``csrc/cuda_kernels.cu`` (free of torch headers) is compiled by nvcc with the flags of the
-extension build plus ``-Xptxas -v`` for each target; every kernel instantiation is one row.
+extension build plus ``-Xptxas -v`` for each target, against the contract header generated from
+``eupmu_kernels.contract`` as the build does; every kernel instantiation is one row.
 
 Writes ``DIR/gpu_readiness.json`` (one row per backend, kernel, specialisation, arch and
 toolchain) and ``DIR/gpu_readiness.md`` (summary, failures, occupancy, and a bytes-model
@@ -376,14 +377,20 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def _nvcc_flags() -> list[str]:
-    """The extension build's nvcc flags (csrc/build_ext_config.py plus torch's common flags)."""
+def _build_config():
+    """csrc/build_ext_config.py, the extension build's description."""
     sys.path.insert(0, os.path.join(REPO, "csrc"))
     try:
-        from build_ext_config import NVCC_FLAGS  # type: ignore[import-not-found]
+        import build_ext_config  # type: ignore[import-not-found]
     finally:
         sys.path.pop(0)
-    flags = list(NVCC_FLAGS)
+    return build_ext_config
+
+
+def _nvcc_flags() -> list[str]:
+    """The extension build's nvcc flags (csrc/build_ext_config.py plus torch's common flags), with
+    the CUDA part switched on as in a CUDA build."""
+    flags = list(_build_config().NVCC_FLAGS) + ["-DEUPMU_WITH_CUDA=1"]
     try:
         from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
@@ -437,7 +444,7 @@ def _kernel_and_template_args(demangled: str) -> tuple[str, str]:
 
 
 CUDA_THREADS = {"gram_chunks_kernel": 512, "gram_cleanup_kernel": 256, "coefficients_kernel": 1,
-                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 128}
+                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 64}
 
 
 def _cuda_expected_v4(kernel: str, spec: str) -> tuple[int | None, int | None]:
@@ -464,9 +471,14 @@ def cuda_rows(archs: list[int], workdir: str) -> list[Row]:
     m = re.search(r"release (\d+\.\d+)", version)
     toolchain = f"nvcc {m.group(1) if m else '?'}"
     rows: list[Row] = []
+    try:  # the contract header, generated as the build does (never from a copy in the tree)
+        generated = _build_config().write_contract_header(REPO, os.path.join(workdir, "generated"))
+    except Exception as err:  # reported as failed rows
+        return [Row(backend="cuda", kernel="*", specialization="*", arch=f"sm_{a}", toolchain=toolchain,
+                    compiled=False, error=f"eupmu_contract.h: {err}") for a in archs]
     for capability in archs:
         arch = f"sm_{capability}"
-        base = [nvcc, *_nvcc_flags(), f"-I{os.path.join(REPO, 'csrc')}", f"-arch={arch}", source]
+        base = [nvcc, *_nvcc_flags(), f"-I{os.path.join(REPO, 'csrc')}", f"-I{generated}", f"-arch={arch}", source]
         start = time.perf_counter()
         cubin = os.path.join(workdir, f"cuda_kernels_{arch}.cubin")
         res = subprocess.run(base + ["-cubin", "-Xptxas", "-v", "-o", cubin], capture_output=True, text=True)
@@ -489,7 +501,7 @@ def cuda_rows(archs: list[int], workdir: str) -> list[Row]:
                       stack_bytes=st["stack_bytes"], shared_bytes=st["smem"],
                       threads_per_block=CUDA_THREADS.get(kernel), compile_seconds=round(seconds, 1))
             if mangled in entries:
-                # table-held pointers: nvcc's 16-byte accesses are generic-space (ld.v4, st.v4)
+                # pointers from the launch arguments: nvcc's 16-byte accesses are generic-space (ld.v4, st.v4)
                 row.ld_global_v4, row.st_global_v4 = count_v4(entries[mangled], global_only=False)
                 row.expected_v4_loads, row.expected_v4_stores = _cuda_expected_v4(kernel, spec)
             row.extra = {"mangled": mangled}
@@ -502,9 +514,9 @@ def cuda_rows(archs: list[int], workdir: str) -> list[Row]:
 
 def bytes_projection(numel: float = 1e8) -> list[dict]:
     """Per-kernel bytes at ``numel`` parameters and the time they take at peak HBM bandwidth (a model)."""
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, HERE)  # the folder that holds the eupmu_bench package
     try:
-        from bytes_model import StorageSizes  # type: ignore[import-not-found]
+        from eupmu_bench.bytes_model import StorageSizes
     finally:
         sys.path.pop(0)
     layouts = {"fp32": StorageSizes(4, 4, 4), "bf16 params, fp32 state": StorageSizes(2, 2, 4),

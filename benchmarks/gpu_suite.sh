@@ -8,7 +8,7 @@
 #   1. install the package with the torch already installed, building the CUDA extension; if
 #      that fails, install without it (the Triton and torch backends still run); if even that
 #      fails, run from the source tree (eupmu_bench reached through a link)
-#   2. pytest -m gpu, then the triton/cuda tests (-k "triton or cuda") on the GPU; collection
+#   2. pytest -m gpu, then the triton/native tests (-k "triton or native") on the GPU; collection
 #      errors of modules that need a package the machine lacks never stop the GPU tests
 #   3. eupmu-bench: every backend's explicit and implicit step vs AdamW(fused=True), naive
 #      surgery and composed torch on 1e8 fp32 parameters (GPT-2 and Llama layouts)
@@ -138,7 +138,7 @@ else
         "$PYTHON" -m pip install --no-index --no-build-isolation --no-deps -e .
     if [[ ${STATUS[install]} != 0 ]]; then
         # Keep the Triton and torch measurements even when the extension does not build.
-        stage install-without-extension "$FALLBACK_LIMIT" "$OUT/install-fallback.log" env EUPMU_BUILD_CUDA=0 \
+        stage install-without-extension "$FALLBACK_LIMIT" "$OUT/install-fallback.log" env EUPMU_BUILD_EXT=0 \
             "$PYTHON" -m pip install --no-index --no-build-isolation --no-deps -e .
     fi
 fi
@@ -152,7 +152,7 @@ if ! "$PYTHON" -c "import eupmu_kernels, eupmu_bench" >/dev/null 2>&1; then
     echo "== the package is not installed: running from the source tree (PYTHONPATH=$PYTHONPATH)" \
         | tee -a "$OUT/suite.log"
 fi
-"$PYTHON" -c "import eupmu_kernels, eupmu_bench; from eupmu_kernels.backends.cuda_backend import extension_error; \
+"$PYTHON" -c "import eupmu_kernels, eupmu_bench; from eupmu_kernels.backends.native_backend import extension_error; \
 print('backends:', eupmu_kernels.available_backends(), '| extension:', extension_error() or 'loaded')" \
     2>&1 | tee -a "$OUT/suite.log"
 
@@ -160,7 +160,7 @@ print('backends:', eupmu_kernels.available_backends(), '| extension:', extension
 stage pytest-gpu "$GPU_TEST_LIMIT" "$OUT/pytest-gpu.log" "$PYTHON" -m pytest -m gpu "${PYTEST_COMMON[@]}" \
     "${PYTEST_EXTRA[@]}"
 stage pytest-kernels "$KERNEL_TEST_LIMIT" "$OUT/pytest-kernels.log" \
-    "$PYTHON" -m pytest -k "triton or cuda" -m "not gpu and not slow" "${PYTEST_COMMON[@]}" "${PYTEST_EXTRA[@]}"
+    "$PYTHON" -m pytest -k "triton or native" -m "not gpu and not slow" "${PYTEST_COMMON[@]}" "${PYTEST_EXTRA[@]}"
 
 # 3. Benchmarks: fp32 on both layouts, then the kernels one by one, then bf16 (moments in bf16
 #    like torch.optim's, so the ratios to fused AdamW compare equal work; add --state-dtype

@@ -1,37 +1,59 @@
-// Python module eupmu_kernels._C: the kernel contract of eupmu_kernels/backends/base.py, routed
-// to the CUDA or the CPU implementation by the tensors' device.
+// Python module eupmu_kernels._C, the native backend: the kernel contract of
+// eupmu_kernels/contract.py, routed by the tensors' device to the C++ CPU kernels (always built)
+// or to the CUDA kernels (built when EUPMU_WITH_CUDA is defined: setup.py, CUDAExtension).
 #include <torch/extension.h>
 
 #include "device_ops.h"
+#include "launch_plan.h"
 
 namespace eupmu {
 namespace {
 
-bool on_cuda(const at::Tensor& t) { return t.is_cuda(); }
+#if defined(EUPMU_WITH_CUDA)
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
 
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
+// Only CPU tensors go on to the C++ CPU kernels. A CUDA tensor gets here only in a build without
+// the CUDA kernels (with them, the callers route it first).
+void check_cpu(const at::Tensor& t) {
+  TORCH_CHECK(!t.is_cuda(), "eupmu_kernels._C was built without its CUDA kernels (C++ CPU kernels only); "
+              "rebuild it with a CUDA build of torch and nvcc (EUPMU_BUILD_CUDA=1), or use backend='triton'");
+  TORCH_CHECK(t.device().is_cpu(), "eupmu_kernels._C runs on CPU and CUDA tensors, got a tensor on ", t.device());
+}
+
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor) {
   TORCH_CHECK(!a.empty(), "gramian: the tensor list is empty");
-  return on_cuda(a[0]) ? cuda_ops::gramian(a, b) : cpu_ops::gramian(a, b);
+#if defined(EUPMU_WITH_CUDA)
+  if (a[0].is_cuda()) return cuda_ops::gramian(a, b, per_tensor);
+#endif
+  check_cpu(a[0]);
+  return cpu_ops::gramian(a, b, per_tensor);
 }
 
 at::Tensor coefficients(const at::Tensor& gram, int64_t method, double eps, double alpha,
                         std::optional<double> max_norm, const std::optional<at::Tensor>& inv_scale,
                         const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(method >= kUngrad && method <= kMethodNone, "unknown surgery method code ", method);
+  TORCH_CHECK(method >= 0 && method < kMethodCount, "unknown surgery method code ", method);
   CoefficientArgs args;
   args.spec = SurgerySpec{static_cast<int>(method), eps, alpha, max_norm.value_or(0.0), max_norm.has_value() ? 1 : 0};
   args.inv_scale = inv_scale;
   args.found_inf = found_inf;
-  return on_cuda(gram) ? cuda_ops::coefficients(gram, args) : cpu_ops::coefficients(gram, args);
+#if defined(EUPMU_WITH_CUDA)
+  if (gram.is_cuda()) return cuda_ops::coefficients(gram, args);
+#endif
+  check_cpu(gram);
+  return cpu_ops::coefficients(gram, args);
 }
 
 void combine(const TensorList& grads_f, const std::optional<TensorList>& grads_r, const at::Tensor& coef) {
   TORCH_CHECK(!grads_f.empty(), "combine_: grads_f is empty");
-  if (on_cuda(grads_f[0])) {
-    cuda_ops::combine(grads_f, grads_r, coef);
-  } else {
-    cpu_ops::combine(grads_f, grads_r, coef);
-  }
+#if defined(EUPMU_WITH_CUDA)
+  if (grads_f[0].is_cuda()) return cuda_ops::combine(grads_f, grads_r, coef);
+#endif
+  check_cpu(grads_f[0]);
+  cpu_ops::combine(grads_f, grads_r, coef);
 }
 
 std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorList& grads_f,
@@ -58,7 +80,97 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
   req.momentum = momentum;
   req.dampening = dampening;
   req.nesterov = nesterov;
-  return on_cuda(params[0]) ? cuda_ops::step(req, coef) : cpu_ops::step(req, coef);
+#if defined(EUPMU_WITH_CUDA)
+  if (params[0].is_cuda()) return cuda_ops::step(req, coef);
+#endif
+  check_cpu(params[0]);
+  return cpu_ops::step(req, coef);
+}
+
+// The slot indices and codes this module was compiled with (eupmu_contract.h), under the names of
+// the Python registries, so a test can compare them with eupmu_kernels.contract.
+pybind11::dict contract_codes() {
+  pybind11::dict slots, methods, rules, out;
+  slots["ca"] = kCa;
+  slots["cb"] = kCb;
+  slots["skip"] = kSkip;
+  slots["lam"] = kLam;
+  slots["clip"] = kClip;
+  slots["cos"] = kCos;
+  slots["dnorm"] = kDnorm;
+  slots["a"] = kA;
+  methods["ungrad"] = static_cast<int>(kMethodUngrad);
+  methods["pcgrad"] = static_cast<int>(kMethodPcgrad);
+  methods["graddiff"] = static_cast<int>(kMethodGraddiff);
+  methods["none"] = static_cast<int>(kMethodNone);
+  rules["sgd"] = static_cast<int>(kRuleSgd);
+  rules["adam"] = static_cast<int>(kRuleAdam);
+  rules["adamw"] = static_cast<int>(kRuleAdamw);
+  out["coef_len"] = kCoefLen;
+  out["slots"] = slots;
+  out["clip_eps"] = kClipEps;
+  out["methods"] = methods;
+  out["method_count"] = kMethodCount;
+  out["rules"] = rules;
+  out["rule_count"] = kRuleCount;
+  return out;
+}
+
+// The CUDA launch plan of a tensor list, computed by the host code the CUDA path runs
+// (launch_plan.h) for given addresses and sizes, which may be fake: no GPU is touched. For each
+// launch: its slice, the kernel arguments as packed, and for each block the chunk locate() finds
+// (global tensor index, first element, length); plus the per-tensor ranges of the Gramian's
+// finishing pass. Two address rows plan a Gramian/combine list, six an update list.
+template <int kRows>
+pybind11::dict plan_of(const std::vector<std::vector<uint64_t>>& rows, const std::vector<int64_t>& numels) {
+  using Args = launch::TensorListArgs<kRows>;
+  pybind11::list launches;
+  for (const launch::LaunchSlice& s : launch::plan_launches(numels, Args::kCapacity)) {
+    const Args a = launch::pack_launch<kRows>(s, rows, numels);
+    pybind11::list addresses, blocks;
+    for (int r = 0; r < kRows; ++r) {
+      pybind11::list row;
+      for (int t = 0; t < a.ntensors; ++t) row.append(a.addr[r][t]);
+      addresses.append(row);
+    }
+    for (int32_t b = 0; b < s.nchunks; ++b) {
+      const launch::ChunkRef c = launch::locate(a, b);
+      blocks.append(pybind11::make_tuple(s.first_tensor + c.tensor, c.start, c.n));
+    }
+    pybind11::dict d;
+    d["first_tensor"] = s.first_tensor;
+    d["ntensors"] = a.ntensors;
+    d["chunk_base"] = a.chunk_base;
+    d["nchunks"] = s.nchunks;
+    d["addresses"] = addresses;
+    d["blocks"] = blocks;
+    launches.append(d);
+  }
+  std::vector<int64_t> out_rows(numels.size());
+  for (size_t t = 0; t < numels.size(); ++t) out_rows[t] = static_cast<int64_t>(t);
+  pybind11::list ranges;
+  for (const launch::SlotRanges& r : launch::per_tensor_ranges(numels, out_rows)) {
+    pybind11::list launch_ranges;
+    for (int i = 0; i < r.nranges; ++i) {
+      launch_ranges.append(pybind11::make_tuple(r.first[i], r.count[i], r.out_row[i]));
+    }
+    ranges.append(launch_ranges);
+  }
+  pybind11::dict out;
+  out["capacity"] = Args::kCapacity;
+  out["arg_bytes"] = sizeof(Args);
+  out["chunk"] = launch::kChunk;
+  out["range_capacity"] = launch::kRangeCapacity;
+  out["launches"] = launches;
+  out["ranges"] = ranges;
+  return out;
+}
+
+pybind11::dict launch_plan(const std::vector<std::vector<uint64_t>>& addresses, const std::vector<int64_t>& numels) {
+  for (const auto& row : addresses) TORCH_CHECK(row.size() == numels.size(), "one address per tensor in each row");
+  if (addresses.size() == 2) return plan_of<2>(addresses, numels);
+  TORCH_CHECK(addresses.size() == 6, "2 (Gramian, combine) or 6 (update) address rows, got ", addresses.size());
+  return plan_of<6>(addresses, numels);
 }
 
 }  // namespace
@@ -67,12 +179,12 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using py::arg;
-  m.doc() = "EUPMU surgery kernels: Gramian, coefficients, combine and fused updates (CUDA and C++ CPU)";
+  m.doc() = "EUPMU surgery kernels (the native backend): Gramian, coefficients, combine and fused updates";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
 
-  m.def("gramian", &eupmu::gramian, nogil, arg("a"), arg("b") = py::none(),
+  m.def("gramian", &eupmu::gramian, nogil, arg("a"), arg("b") = py::none(), arg("per_tensor") = false,
         "float64[3] (<a,a>, <a,b>, <b,b>) over a tensor list of one dtype and device (float64 products and "
-        "sums, deterministic)");
+        "sums, deterministic); with per_tensor, float64[n, 3]: row i is pair i's own Gramian, bit for bit");
   m.def("coefficients", &eupmu::coefficients, nogil, arg("gram"), arg("method"), arg("eps"), arg("alpha"),
         arg("max_norm") = py::none(), arg("inv_scale") = py::none(), arg("found_inf") = py::none(),
         "the float32[8] coefficient vector from a float64 (or float32) Gramian, computed in float64 on the "
@@ -84,9 +196,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("beta2"), arg("eps"), arg("weight_decay"), arg("momentum"), arg("dampening"), arg("nesterov"),
         "fused combine + update in place; returns the indices it left to the caller (unsupported layouts)");
 
-  m.def("has_cuda_kernels", []() { return true; }, "whether the CUDA kernels were compiled in");
-  m.def("cuda_chunk_numel", &eupmu::cuda_ops::chunk_numel);
-  m.def("cpu_chunk_numel", &eupmu::cpu_ops::chunk_numel);
+  m.def("has_cuda_kernels", []() { return eupmu::kWithCuda; },
+        "whether this build compiled in the CUDA kernels (else CUDA tensors are refused)");
+  m.def("contract_codes", &eupmu::contract_codes, "the coefficient slots and rule codes compiled in");
+  m.def("_launch_plan", &eupmu::launch_plan, arg("addresses"), arg("numels"),
+        "the CUDA path's launch plan for (possibly fake) addresses and sizes, computed on the host; for tests");
   m.def("cpu_isa", &eupmu::cpu_ops::active_isa, "the CPU kernel variant in use");
   m.def("set_cpu_isa", &eupmu::cpu_ops::select_isa, arg("isa"),
         "use another CPU kernel variant: 'auto' or one of cpu_isas()");

@@ -21,7 +21,7 @@ struct UpdatePointers {
 };
 
 struct UpdateSpec {
-  int rule;  // eupmu::Rule
+  int rule;  // eupmu::Rule (kRule*)
   DType param;
   DType state;
   bool momentum;  // sgd with a momentum buffer

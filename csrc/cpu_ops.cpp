@@ -140,7 +140,7 @@ void run_update_group(const UpdateGroup& group, const UpdateRequest& req, float 
 
 }  // namespace
 
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor) {
   const ReadPairs pairs = prepare_read_pairs(a, b, "gramian");
   const DType dtype = to_kernel_dtype(a[0].scalar_type());
   const std::vector<Chunk> chunks = make_chunks(numels_of(pairs.a));
@@ -151,13 +151,24 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
     const void* pb = pairs.has_b ? offset<const void>(pairs.b[c.item], c.begin) : nullptr;
     gram(dtype, pa, pb, c.n, &partial[3 * j]);
   });
+  // Chunk partials summed in chunk order: over the whole list, or per pair (the same sequence a
+  // call with that pair alone sums, hence the same bits).
+  const at::TensorOptions f64 = a[0].options().dtype(at::kDouble);
+  at::Tensor out = per_tensor ? at::zeros({static_cast<int64_t>(a.size()), 3}, f64) : at::zeros({3}, f64);
+  double* o = out.data_ptr<double>();
   double sums[3] = {0.0, 0.0, 0.0};
   for (size_t j = 0; j < chunks.size(); ++j) {
     for (int k = 0; k < 3; ++k) sums[k] += partial[3 * j + k];
+    const bool pair_ends = j + 1 == chunks.size() || chunks[j + 1].item != chunks[j].item;
+    if (per_tensor && pair_ends) {
+      double* row = o + 3 * pairs.index[chunks[j].item];
+      for (int k = 0; k < 3; ++k) row[k] = sums[k];
+      sums[0] = sums[1] = sums[2] = 0.0;
+    }
   }
-  at::Tensor out = at::empty({3}, a[0].options().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (int k = 0; k < 3; ++k) o[k] = sums[k];
+  if (!per_tensor) {
+    for (int k = 0; k < 3; ++k) o[k] = sums[k];
+  }
   return out;
 }
 
@@ -221,8 +232,6 @@ std::vector<std::string> supported_isas() {
   }
   return out;
 }
-
-int64_t chunk_numel() { return kChunk; }
 
 }  // namespace cpu_ops
 }  // namespace eupmu

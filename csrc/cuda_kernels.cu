@@ -1,6 +1,10 @@
-// CUDA kernels over tensor lists (see cuda_kernels.h for the metadata layout). float32 update
-// math for every storage dtype, float64 Gramian and coefficients; 16-byte vector accesses where every pointer of a chunk is aligned, element
-// accesses otherwise.
+// CUDA kernels over tensor lists (see cuda_kernels.h and launch_plan.h for the launch arguments).
+// float32 update math for every storage dtype, float64 Gramian and coefficients; 16-byte vector
+// accesses where every pointer of a chunk is aligned, element accesses otherwise.
+//
+// The tensor-list arguments are __grid_constant__: the kernels read them in place from the
+// kernel parameter space (uniform loads, broadcast to the block) instead of copying them to a
+// per-thread stack frame.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -10,10 +14,14 @@ namespace eupmu {
 namespace cuda {
 namespace {
 
+using launch::ChunkRef;
+using launch::locate;
+
 constexpr int kBlock = 512;
 constexpr int kCleanupBlock = 256;
-constexpr int kStepBlock = 128;
+constexpr int kStepBlock = 64;
 constexpr unsigned kFullMask = 0xffffffffu;
+static_assert(launch::capacity_for(kUpdateRows) <= kStepBlock, "one block advances a launch's step counts");
 
 template <typename T>
 struct Storage;
@@ -60,26 +68,9 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-struct Chunk {
-  int tensor;
-  int64_t start;
-  int n;
-};
-
-__device__ __forceinline__ Chunk chunk_of(const LaunchMeta& m, int rows, int64_t c) {
-  const int64_t t_count = m.ntensors;
-  const int64_t* table = m.data + (rows + 1) * t_count;
-  Chunk ch;
-  ch.tensor = static_cast<int>(table[c]);
-  ch.start = table[m.nchunks + c];
-  const int64_t left = m.data[rows * t_count + ch.tensor] - ch.start;
-  ch.n = static_cast<int>(left < kChunk ? left : kChunk);
-  return ch;
-}
-
-template <typename T>
-__device__ __forceinline__ T* row_ptr(const LaunchMeta& m, int row, int tensor) {
-  return reinterpret_cast<T*>(m.data[static_cast<int64_t>(row) * m.ntensors + tensor]);
+template <typename T, int kRows>
+__device__ __forceinline__ T* row_ptr(const launch::TensorListArgs<kRows>& a, int row, int tensor) {
+  return reinterpret_cast<T*>(a.addr[row][tensor]);
 }
 
 // Sums (x, y, z) over the block in a fixed order; thread 0 holds the result. blockDim.x must be
@@ -122,9 +113,10 @@ __device__ __forceinline__ void block_sum3(V& x, V& y, V& z) {
 // time on sm_80 and sm_90 (see the readiness report for registers).
 
 template <typename T, bool kHasB>
-__global__ void __launch_bounds__(kBlock) gram_chunks_kernel(LaunchMeta m, double* __restrict__ slots) {
-  const int64_t c = blockIdx.x;
-  const Chunk ch = chunk_of(m, kGramRows, c);
+__global__ void __launch_bounds__(kBlock)
+    gram_chunks_kernel(const __grid_constant__ GramArgs m, double* __restrict__ slots) {
+  const ChunkRef ch = locate(m, static_cast<int32_t>(blockIdx.x));
+  const int64_t c = m.chunk_base + blockIdx.x;
   const T* __restrict__ a = row_ptr<const T>(m, 0, ch.tensor) + ch.start;
   const T* __restrict__ b = kHasB ? row_ptr<const T>(m, 1, ch.tensor) + ch.start : nullptr;
   constexpr int N = 16 / sizeof(T);
@@ -173,27 +165,33 @@ __global__ void __launch_bounds__(kBlock) gram_chunks_kernel(LaunchMeta m, doubl
   }
 }
 
-// One block: every thread sums a fixed strided subset of the slots, then the block tree. No
-// atomics, so the result depends only on the inputs.
+// One block per range: every thread sums a fixed strided subset of the range's slots, then the
+// block tree. No atomics, so the result depends only on the inputs; a tensor's range gives the
+// same bits whether it was launched alone or in a list (launch_plan.h, SlotRanges).
 __global__ void __launch_bounds__(kCleanupBlock)
-    gram_cleanup_kernel(const double* __restrict__ slots, int64_t nslots, double* __restrict__ out) {
+    gram_cleanup_kernel(const double* __restrict__ slots, const __grid_constant__ launch::SlotRanges ranges,
+                        double* __restrict__ out) {
+  const int r = blockIdx.x;
+  const double* __restrict__ first = slots + 3 * ranges.first[r];
+  const int64_t count = ranges.count[r];
   double x = 0.0, y = 0.0, z = 0.0;
-  for (int64_t s = threadIdx.x; s < nslots; s += blockDim.x) {
-    x += slots[3 * s];
-    y += slots[3 * s + 1];
-    z += slots[3 * s + 2];
+  for (int64_t s = threadIdx.x; s < count; s += blockDim.x) {
+    x += first[3 * s];
+    y += first[3 * s + 1];
+    z += first[3 * s + 2];
   }
   block_sum3(x, y, z);
   if (threadIdx.x == 0) {
-    out[0] = x;
-    out[1] = y;
-    out[2] = z;
+    double* row = out + 3 * ranges.out_row[r];
+    row[0] = x;
+    row[1] = y;
+    row[2] = z;
   }
 }
 
 template <typename T>
-void gram_kernels(bool has_b, const LaunchMeta& m, double* slots, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(m.nchunks));
+void gram_kernels(bool has_b, const GramArgs& m, int32_t nchunks, double* slots, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(nchunks));
   if (has_b) {
     gram_chunks_kernel<T, true><<<grid, kBlock, 0, stream>>>(m, slots);
   } else {
@@ -212,8 +210,8 @@ __global__ void coefficients_kernel(const double* gram, SurgerySpec spec, const 
 
 // One block's chunk of g_f <- ca*g_f (+ cb*g_r when kReadGr).
 template <typename T, bool kReadGr>
-__device__ __forceinline__ void combine_chunk(const LaunchMeta& m, float ca, float cb) {
-  const Chunk ch = chunk_of(m, kCombineRows, blockIdx.x);
+__device__ __forceinline__ void combine_chunk(const CombineArgs& m, float ca, float cb) {
+  const ChunkRef ch = locate(m, static_cast<int32_t>(blockIdx.x));
   T* __restrict__ gf = row_ptr<T>(m, 0, ch.tensor) + ch.start;
   const T* __restrict__ gr = kReadGr ? row_ptr<const T>(m, 1, ch.tensor) + ch.start : nullptr;
   constexpr int N = 16 / sizeof(T);
@@ -244,7 +242,8 @@ __device__ __forceinline__ void combine_chunk(const LaunchMeta& m, float ca, flo
 }
 
 template <typename T, bool kHasGr>
-__global__ void __launch_bounds__(kBlock) combine_chunks_kernel(LaunchMeta m, const float* __restrict__ coef) {
+__global__ void __launch_bounds__(kBlock)
+    combine_chunks_kernel(const __grid_constant__ CombineArgs m, const float* __restrict__ coef) {
   if (coef[kSkip] != 0.0f) return;
   const float ca = coef[kCa], cb = coef[kCb];
   if (kHasGr && cb != 0.0f) {
@@ -255,8 +254,8 @@ __global__ void __launch_bounds__(kBlock) combine_chunks_kernel(LaunchMeta m, co
 }
 
 template <typename T>
-void combine_kernels(bool has_gr, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(m.nchunks));
+void combine_kernels(bool has_gr, const CombineArgs& m, int32_t nchunks, const float* coef, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(nchunks));
   if (has_gr) {
     combine_chunks_kernel<T, true><<<grid, kBlock, 0, stream>>>(m, coef);
   } else {
@@ -281,12 +280,19 @@ __device__ __forceinline__ void update_element(float& p, float g, float r, float
   }
 }
 
+// Two blocks per SM at least (<= 64 registers): half the warps an SM can hold, as before the
+// launch arguments grew; without the bound ptxas takes up to 80 registers for the bf16/fp16
+// Adam variants, one block of 512 threads per SM.
 template <typename P, typename S, UpdateKind K, bool kHasGr>
-__global__ void __launch_bounds__(kBlock)
-    update_chunks_kernel(LaunchMeta m, const float* __restrict__ coef, RuleHyper h, DecayMode wd) {
+__global__ void __launch_bounds__(kBlock, 2)
+    update_chunks_kernel(const __grid_constant__ UpdateArgs m, const float* __restrict__ coef, RuleHyper h,
+                         DecayMode wd) {
   if (coef[kSkip] != 0.0f) return;
   const float ca = coef[kCa], cb = coef[kCb];
-  const Chunk ch = chunk_of(m, kUpdateRows, blockIdx.x);
+  const ChunkRef ch = locate(m, static_cast<int32_t>(blockIdx.x));
+  // The step constants first: pow() is a call, and the fewer values live across it the fewer
+  // registers the kernel needs (with them last, one instantiation spilled at sm_90).
+  const StepConsts c = step_consts(h, *row_ptr<const float>(m, kStepRow, ch.tensor));
   constexpr bool kHasS1 = K != UpdateKind::kSgdPlain;
   constexpr bool kHasS2 = K == UpdateKind::kAdam;
   P* __restrict__ p = row_ptr<P>(m, 0, ch.tensor) + ch.start;
@@ -297,7 +303,6 @@ __global__ void __launch_bounds__(kBlock)
   const P* __restrict__ gr = kHasGr ? row_ptr<const P>(m, 2, ch.tensor) + ch.start : nullptr;
   S* __restrict__ s1 = kHasS1 ? row_ptr<S>(m, 3, ch.tensor) + ch.start : nullptr;
   S* __restrict__ s2 = kHasS2 ? row_ptr<S>(m, 4, ch.tensor) + ch.start : nullptr;
-  const StepConsts c = step_consts(h, *row_ptr<const float>(m, kStepRow, ch.tensor));
 
   constexpr int N = 16 / sizeof(P);
   constexpr unsigned kStateBytes = N * sizeof(S);
@@ -336,10 +341,12 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Runs after the update kernel on the same stream, so every block above read the old count.
-__global__ void advance_steps_kernel(LaunchMeta m, const float* __restrict__ coef) {
+// Runs after the update kernel of the same slice on the same stream, so every block of it read
+// the old count.
+__global__ void __launch_bounds__(kStepBlock)
+    advance_steps_kernel(const __grid_constant__ UpdateArgs m, const float* __restrict__ coef) {
   if (coef[kSkip] != 0.0f) return;
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  const int t = threadIdx.x;
   if (t < m.ntensors) {
     float* step = row_ptr<float>(m, kStepRow, t);
     *step = *step + 1.0f;
@@ -347,8 +354,9 @@ __global__ void advance_steps_kernel(LaunchMeta m, const float* __restrict__ coe
 }
 
 template <typename P, typename S, UpdateKind K>
-void update_kernels_kind(const UpdateLaunch& u, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(m.nchunks));
+void update_kernels_kind(const UpdateLaunch& u, const UpdateArgs& m, int32_t nchunks, const float* coef,
+                         cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(nchunks));
   if (u.has_gr) {
     update_chunks_kernel<P, S, K, true><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
   } else {
@@ -357,32 +365,38 @@ void update_kernels_kind(const UpdateLaunch& u, const LaunchMeta& m, const float
 }
 
 template <typename P, typename S>
-void update_kernels(const UpdateLaunch& u, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
+void update_kernels(const UpdateLaunch& u, const UpdateArgs& m, int32_t n, const float* coef, cudaStream_t stream) {
   switch (u.kind) {
-    case UpdateKind::kAdam: return update_kernels_kind<P, S, UpdateKind::kAdam>(u, m, coef, stream);
-    case UpdateKind::kSgdMomentum: return update_kernels_kind<P, S, UpdateKind::kSgdMomentum>(u, m, coef, stream);
-    case UpdateKind::kSgdPlain: return update_kernels_kind<P, P, UpdateKind::kSgdPlain>(u, m, coef, stream);
+    case UpdateKind::kAdam: return update_kernels_kind<P, S, UpdateKind::kAdam>(u, m, n, coef, stream);
+    case UpdateKind::kSgdMomentum: return update_kernels_kind<P, S, UpdateKind::kSgdMomentum>(u, m, n, coef, stream);
+    case UpdateKind::kSgdPlain: return update_kernels_kind<P, P, UpdateKind::kSgdPlain>(u, m, n, coef, stream);
   }
 }
 
 template <typename P>
-void update_kernels_state(const UpdateLaunch& u, const LaunchMeta& m, const float* coef, cudaStream_t stream) {
-  if (u.state == DType::kFloat) return update_kernels<P, float>(u, m, coef, stream);
-  return update_kernels<P, P>(u, m, coef, stream);
+void update_kernels_state(const UpdateLaunch& u, const UpdateArgs& m, int32_t n, const float* coef,
+                          cudaStream_t stream) {
+  if (u.state == DType::kFloat) return update_kernels<P, float>(u, m, n, coef, stream);
+  return update_kernels<P, P>(u, m, n, coef, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_gramian(DType dtype, bool has_b, const LaunchMeta& meta, double* slots, double* out,
-                           cudaStream_t stream) {
-  if (meta.nchunks > 0) {
-    switch (dtype) {
-      case DType::kFloat: gram_kernels<float>(has_b, meta, slots, stream); break;
-      case DType::kBFloat16: gram_kernels<__nv_bfloat16>(has_b, meta, slots, stream); break;
-      case DType::kHalf: gram_kernels<__half>(has_b, meta, slots, stream); break;
-    }
+cudaError_t launch_gramian_chunks(DType dtype, bool has_b, const GramArgs& args, int32_t nchunks, double* slots,
+                                  cudaStream_t stream) {
+  if (nchunks == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat: gram_kernels<float>(has_b, args, nchunks, slots, stream); break;
+    case DType::kBFloat16: gram_kernels<__nv_bfloat16>(has_b, args, nchunks, slots, stream); break;
+    case DType::kHalf: gram_kernels<__half>(has_b, args, nchunks, slots, stream); break;
   }
-  gram_cleanup_kernel<<<1, kCleanupBlock, 0, stream>>>(slots, meta.nchunks, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gramian_finish(const double* slots, const launch::SlotRanges& ranges, double* out,
+                                  cudaStream_t stream) {
+  if (ranges.nranges == 0) return cudaSuccess;
+  gram_cleanup_kernel<<<static_cast<unsigned>(ranges.nranges), kCleanupBlock, 0, stream>>>(slots, ranges, out);
   return cudaGetLastError();
 }
 
@@ -392,29 +406,27 @@ cudaError_t launch_coefficients(const double* gram, const SurgerySpec& spec, con
   return cudaGetLastError();
 }
 
-cudaError_t launch_combine(DType dtype, bool has_gr, const LaunchMeta& meta, const float* coef, cudaStream_t stream) {
-  if (meta.nchunks == 0) return cudaSuccess;
+cudaError_t launch_combine(DType dtype, bool has_gr, const CombineArgs& args, int32_t nchunks, const float* coef,
+                           cudaStream_t stream) {
+  if (nchunks == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat: combine_kernels<float>(has_gr, meta, coef, stream); break;
-    case DType::kBFloat16: combine_kernels<__nv_bfloat16>(has_gr, meta, coef, stream); break;
-    case DType::kHalf: combine_kernels<__half>(has_gr, meta, coef, stream); break;
+    case DType::kFloat: combine_kernels<float>(has_gr, args, nchunks, coef, stream); break;
+    case DType::kBFloat16: combine_kernels<__nv_bfloat16>(has_gr, args, nchunks, coef, stream); break;
+    case DType::kHalf: combine_kernels<__half>(has_gr, args, nchunks, coef, stream); break;
   }
   return cudaGetLastError();
 }
 
-cudaError_t launch_update(const UpdateLaunch& launch, const LaunchMeta& meta, const float* coef,
+cudaError_t launch_update(const UpdateLaunch& launch, const UpdateArgs& args, int32_t nchunks, const float* coef,
                           cudaStream_t stream) {
-  if (meta.nchunks > 0) {
+  if (nchunks > 0) {
     switch (launch.param) {
-      case DType::kFloat: update_kernels<float, float>(launch, meta, coef, stream); break;
-      case DType::kBFloat16: update_kernels_state<__nv_bfloat16>(launch, meta, coef, stream); break;
-      case DType::kHalf: update_kernels_state<__half>(launch, meta, coef, stream); break;
+      case DType::kFloat: update_kernels<float, float>(launch, args, nchunks, coef, stream); break;
+      case DType::kBFloat16: update_kernels_state<__nv_bfloat16>(launch, args, nchunks, coef, stream); break;
+      case DType::kHalf: update_kernels_state<__half>(launch, args, nchunks, coef, stream); break;
     }
   }
-  if (meta.ntensors > 0) {
-    const unsigned blocks = static_cast<unsigned>((meta.ntensors + kStepBlock - 1) / kStepBlock);
-    advance_steps_kernel<<<blocks, kStepBlock, 0, stream>>>(meta, coef);
-  }
+  if (args.ntensors > 0) advance_steps_kernel<<<1, kStepBlock, 0, stream>>>(args, coef);
   return cudaGetLastError();
 }
 

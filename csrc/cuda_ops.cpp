@@ -1,10 +1,9 @@
-// The CUDA path: builds each launch's metadata on the host (pinned memory), copies it to the
-// device asynchronously on the current stream and launches. Nothing here reads device memory.
+// The CUDA path: plans each tensor list into launches whose metadata travels by value in the
+// kernel arguments (launch_plan.h): no host-to-device copy, no cached device table, nothing here
+// reads device memory or waits for the device.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <limits>
 
 #include "cuda_kernels.h"
 #include "device_ops.h"
@@ -13,56 +12,25 @@ namespace eupmu {
 namespace cuda_ops {
 namespace {
 
-using cuda::kChunk;
-using cuda::LaunchMeta;
+// Address rows of one tensor list: rows[r][t] is the address of tensor t of list r (0 where the
+// list is absent).
+using AddressRows = std::vector<std::vector<uint64_t>>;
 
-// Pointer rows of one launch: rows[r][t] is tensor t of list r (null where the list is absent).
-using PointerRows = std::vector<std::vector<const void*>>;
-
-// The device copy must outlive the kernels that read it; the caching allocator keeps it
-// reserved for the stream until they have run.
-struct DeviceMeta {
-  at::Tensor storage;
-  LaunchMeta view;
-};
-
-DeviceMeta upload_meta(const PointerRows& rows, const std::vector<int64_t>& numels, const at::Device& device) {
-  const int64_t t_count = static_cast<int64_t>(numels.size());
-  TORCH_CHECK(t_count <= std::numeric_limits<int32_t>::max(), "too many tensors in one launch");
-  std::vector<int64_t> chunk_tensor, chunk_start;
-  for (int64_t t = 0; t < t_count; ++t) {
-    for (int64_t start = 0; start < numels[t]; start += kChunk) {
-      chunk_tensor.push_back(t);
-      chunk_start.push_back(start);
-    }
-  }
-  const int64_t c_count = static_cast<int64_t>(chunk_tensor.size());
-  TORCH_CHECK(c_count <= std::numeric_limits<int32_t>::max(), "too many chunks in one launch");
-  const int64_t r_count = static_cast<int64_t>(rows.size());
-  const int64_t length = std::max<int64_t>((r_count + 1) * t_count + 2 * c_count, 1);
-  at::Tensor host = at::empty({length}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  for (int64_t r = 0; r < r_count; ++r) {
-    for (int64_t t = 0; t < t_count; ++t) h[r * t_count + t] = reinterpret_cast<int64_t>(rows[r][t]);
-  }
-  for (int64_t t = 0; t < t_count; ++t) h[r_count * t_count + t] = numels[t];
-  int64_t* table = h + (r_count + 1) * t_count;
-  for (int64_t c = 0; c < c_count; ++c) {
-    table[c] = chunk_tensor[c];
-    table[c_count + c] = chunk_start[c];
-  }
-  DeviceMeta meta;
-  meta.storage = host.to(at::TensorOptions().device(device).dtype(at::kLong), /*non_blocking=*/true);
-  meta.view = LaunchMeta{meta.storage.data_ptr<int64_t>(), static_cast<int32_t>(t_count), c_count};
-  return meta;
-}
-
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+uint64_t address_of(const at::Tensor& t) { return t.defined() ? reinterpret_cast<uint64_t>(t.data_ptr()) : 0; }
 
 std::vector<int64_t> numels_of(const TensorList& tensors) {
   std::vector<int64_t> out;
+  out.reserve(tensors.size());
   for (const at::Tensor& t : tensors) out.push_back(t.numel());
   return out;
+}
+
+// Calls run(args, slice) for each launch of the list, in order.
+template <int kRows, typename F>
+void for_each_launch(const AddressRows& rows, const std::vector<int64_t>& numels, const F& run) {
+  const std::vector<launch::LaunchSlice> slices =
+      launch::plan_launches(numels, launch::TensorListArgs<kRows>::kCapacity);
+  for (const launch::LaunchSlice& s : slices) run(launch::pack_launch<kRows>(s, rows, numels), s);
 }
 
 cudaStream_t current_stream(const at::Device& device) {
@@ -75,48 +43,63 @@ at::Tensor float_on(const std::optional<at::Tensor>& t, const at::Device& device
 }
 
 void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::Tensor& coef) {
-  PointerRows rows(cuda::kUpdateRows);
+  AddressRows rows(cuda::kUpdateRows);
   std::vector<int64_t> numels;
   for (const UpdateEntry& e : group.entries) {
-    rows[0].push_back(e.p.data_ptr());
-    rows[1].push_back(e.gf.data_ptr());
-    rows[2].push_back(ptr_or_null(e.gr));
-    rows[3].push_back(ptr_or_null(e.s1));
-    rows[4].push_back(ptr_or_null(e.s2));
-    rows[cuda::kStepRow].push_back(e.step.data_ptr());
+    rows[0].push_back(address_of(e.p));
+    rows[1].push_back(address_of(e.gf));
+    rows[2].push_back(address_of(e.gr));
+    rows[3].push_back(address_of(e.s1));
+    rows[4].push_back(address_of(e.s2));
+    rows[cuda::kStepRow].push_back(address_of(e.step));
     numels.push_back(e.p.numel());
   }
-  const at::Device device = coef.device();
-  const DeviceMeta meta = upload_meta(rows, numels, device);
-  cuda::UpdateLaunch launch;
-  launch.kind = req.rule != kSgd            ? cuda::UpdateKind::kAdam
-                : uses_momentum_buffer(req) ? cuda::UpdateKind::kSgdMomentum
-                                            : cuda::UpdateKind::kSgdPlain;
-  launch.param = group.param_dtype;
-  launch.state = group.state_dtype;
-  launch.has_gr = req.grads_r.has_value();
-  launch.hyper = rule_hyper(req);
-  launch.decay = decay_mode(req.rule, launch.hyper);
-  C10_CUDA_CHECK(cuda::launch_update(launch, meta.view, coef.data_ptr<float>(), current_stream(device)));
+  cuda::UpdateLaunch u;
+  u.kind = req.rule != kRuleSgd        ? cuda::UpdateKind::kAdam
+           : uses_momentum_buffer(req) ? cuda::UpdateKind::kSgdMomentum
+                                       : cuda::UpdateKind::kSgdPlain;
+  u.param = group.param_dtype;
+  u.state = group.state_dtype;
+  u.has_gr = req.grads_r.has_value();
+  u.hyper = rule_hyper(req);
+  u.decay = decay_mode(req.rule, u.hyper);
+  const cudaStream_t stream = current_stream(coef.device());
+  for_each_launch<cuda::kUpdateRows>(rows, numels, [&](const cuda::UpdateArgs& args, const launch::LaunchSlice& s) {
+    C10_CUDA_CHECK(cuda::launch_update(u, args, s.nchunks, coef.data_ptr<float>(), stream));
+  });
 }
 
 }  // namespace
 
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b) {
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor) {
   const ReadPairs pairs = prepare_read_pairs(a, b, "gramian");
   const at::Device device = a[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  PointerRows rows(cuda::kGramRows);
+  const cudaStream_t stream = current_stream(device);
+  AddressRows rows(cuda::kGramRows);
   for (size_t i = 0; i < pairs.a.size(); ++i) {
-    rows[0].push_back(pairs.a[i].data_ptr());
-    rows[1].push_back(pairs.has_b ? pairs.b[i].data_ptr() : nullptr);
+    rows[0].push_back(address_of(pairs.a[i]));
+    rows[1].push_back(pairs.has_b ? address_of(pairs.b[i]) : 0);
   }
-  const DeviceMeta meta = upload_meta(rows, numels_of(pairs.a), device);
+  const std::vector<int64_t> numels = numels_of(pairs.a);
+  int64_t nchunks = 0;
+  for (int64_t n : numels) nchunks += launch::chunks_of(n);
   const at::TensorOptions f64 = at::TensorOptions().device(device).dtype(at::kDouble);
-  at::Tensor slots = at::empty({std::max<int64_t>(3 * meta.view.nchunks, 3)}, f64);
+  at::Tensor slots = at::empty({std::max<int64_t>(3 * nchunks, 3)}, f64);
+  const DType dtype = to_kernel_dtype(a[0].scalar_type());
+  for_each_launch<cuda::kGramRows>(rows, numels, [&](const cuda::GramArgs& args, const launch::LaunchSlice& s) {
+    C10_CUDA_CHECK(cuda::launch_gramian_chunks(dtype, pairs.has_b, args, s.nchunks, slots.data_ptr<double>(), stream));
+  });
+  if (per_tensor) {  // one range per pair, its row at the pair's position; empty tensors stay zero
+    at::Tensor out = at::zeros({static_cast<int64_t>(a.size()), 3}, f64);
+    for (const launch::SlotRanges& ranges : launch::per_tensor_ranges(numels, pairs.index)) {
+      C10_CUDA_CHECK(cuda::launch_gramian_finish(slots.data_ptr<double>(), ranges, out.data_ptr<double>(), stream));
+    }
+    return out;
+  }
   at::Tensor out = at::empty({3}, f64);
-  C10_CUDA_CHECK(cuda::launch_gramian(to_kernel_dtype(a[0].scalar_type()), pairs.has_b, meta.view,
-                                      slots.data_ptr<double>(), out.data_ptr<double>(), current_stream(device)));
+  C10_CUDA_CHECK(cuda::launch_gramian_finish(slots.data_ptr<double>(), launch::total_range(nchunks),
+                                             out.data_ptr<double>(), stream));
   return out;
 }
 
@@ -140,14 +123,17 @@ void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at
   const at::Device device = gf[0].device();
   check_coefficients(coef, device);
   const c10::cuda::CUDAGuard guard(device);
-  PointerRows rows(cuda::kCombineRows);
+  const cudaStream_t stream = current_stream(device);
+  AddressRows rows(cuda::kCombineRows);
   for (size_t i = 0; i < work.gf.size(); ++i) {
-    rows[0].push_back(work.gf[i].data_ptr());
-    rows[1].push_back(work.has_gr ? work.gr[i].data_ptr() : nullptr);
+    rows[0].push_back(address_of(work.gf[i]));
+    rows[1].push_back(work.has_gr ? address_of(work.gr[i]) : 0);
   }
-  const DeviceMeta meta = upload_meta(rows, numels_of(work.gf), device);
-  C10_CUDA_CHECK(cuda::launch_combine(to_kernel_dtype(gf[0].scalar_type()), work.has_gr, meta.view,
-                                      coef.data_ptr<float>(), current_stream(device)));
+  const DType dtype = to_kernel_dtype(gf[0].scalar_type());
+  for_each_launch<cuda::kCombineRows>(
+      rows, numels_of(work.gf), [&](const cuda::CombineArgs& args, const launch::LaunchSlice& s) {
+        C10_CUDA_CHECK(cuda::launch_combine(dtype, work.has_gr, args, s.nchunks, coef.data_ptr<float>(), stream));
+      });
   finish_combine(work);
 }
 
@@ -162,8 +148,6 @@ std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef) {
   bump_versions(plan);
   return plan.fallback;
 }
-
-int64_t chunk_numel() { return kChunk; }
 
 }  // namespace cuda_ops
 }  // namespace eupmu

@@ -1,5 +1,6 @@
 // The two implementations of the extension's operations, one per device type. bindings.cpp
-// picks one from the tensors' device.
+// picks one from the tensors' device; cuda_ops exists only in builds with the CUDA kernels
+// (EUPMU_WITH_CUDA).
 #pragma once
 
 #include <optional>
@@ -16,8 +17,10 @@ struct CoefficientArgs {
   std::optional<at::Tensor> found_inf;
 };
 
+// gramian: float64[3] over the whole list or, with per_tensor, float64[n, 3] with row i the total of
+// pair i alone, bit for bit what a call with that pair alone returns (zeros for empty tensors).
 namespace cpu_ops {
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b);
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor);
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
@@ -25,16 +28,13 @@ std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
 std::string active_isa();
 void select_isa(const std::string& isa);  // "auto" picks the best one the CPU supports
 std::vector<std::string> supported_isas();
-int64_t chunk_numel();
 }  // namespace cpu_ops
 
 namespace cuda_ops {
-at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b);
+at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor);
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
-
-int64_t chunk_numel();
 }  // namespace cuda_ops
 
 }  // namespace eupmu

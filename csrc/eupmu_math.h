@@ -7,6 +7,11 @@
 #include <math.h>
 #include <stdint.h>
 
+// The coefficient slots (kCa ... kA, kCoefLen), kClipEps and the codes of the surgery rules
+// (kMethod*) and base rules (kRule*): generated from eupmu_kernels/contract.py at build time
+// into the build folder (docs/design.md, Kernel contract).
+#include "eupmu_contract.h"
+
 #if defined(__CUDACC__)
 #define EUPMU_HD __host__ __device__ __forceinline__
 #else
@@ -14,14 +19,6 @@
 #endif
 
 namespace eupmu {
-
-// Layout of the float32[8] coefficient vector (eupmu_kernels/backends/base.py).
-constexpr int kCoefLen = 8;
-constexpr int kCa = 0, kCb = 1, kSkip = 2, kLam = 3, kClip = 4, kCos = 5, kDnorm = 6, kA = 7;
-
-// Integer codes shared with base.py (METHOD_CODE, RULE_CODE).
-enum Method : int { kUngrad = 0, kPcgrad = 1, kGraddiff = 2, kMethodNone = 3 };
-enum Rule : int { kSgd = 0, kAdam = 1, kAdamW = 2 };
 
 // Storage dtypes of the kernels (the update math is float32 for all of them).
 enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
@@ -32,7 +29,6 @@ enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 // float64, so it is finite and accurate for any finite float32/bf16/fp16 gradients. This stage
 // reads it and computes in float64 too; only the eight output slots are rounded to float32.
 
-constexpr double kClipEps = 1e-6;  // reference.CLIP_EPS
 constexpr double kFloatMax = 3.4028234663852886e38;
 constexpr double kDoubleMax = 1.7976931348623157e308;
 
@@ -58,13 +54,13 @@ EUPMU_HD double clamp_max_one(double x) { return x > 1.0 ? 1.0 : x; }
 EUPMU_HD void pair_coefficients(double aa, double ab, double bb, const SurgerySpec& s, double* a, double* b) {
   *a = 1.0;
   switch (s.method) {
-    case kUngrad:
+    case kMethodUngrad:
       *b = clamp_min_zero(safe_div(-ab - s.eps, bb));
       break;
-    case kGraddiff:
+    case kMethodGraddiff:
       *b = s.alpha;
       break;
-    case kPcgrad: {
+    case kMethodPcgrad: {
       const bool conflict = ab < 0.0;
       *a = conflict ? 1.0 - safe_div(ab, aa) : 1.0;
       *b = conflict ? 1.0 - safe_div(ab, bb) : 1.0;
@@ -175,8 +171,8 @@ struct DecayMode {
 
 EUPMU_HD DecayMode decay_mode(int rule, const RuleHyper& h) {
   DecayMode m;
-  m.decoupled = rule == kAdamW && h.weight_decay != 0.0f;
-  m.l2 = rule != kAdamW && h.weight_decay != 0.0f;
+  m.decoupled = rule == kRuleAdamw && h.weight_decay != 0.0f;
+  m.l2 = rule != kRuleAdamw && h.weight_decay != 0.0f;
   return m;
 }
 

@@ -120,6 +120,7 @@ ReadPairs prepare_read_pairs(const TensorList& a, const std::optional<TensorList
     check_same_kind(a[i], first, "a", "a[0]", i);
     if (out.has_b) check_partner((*b)[i], a[i], "b", "its partner in a", i);
     if (a[i].numel() == 0) continue;
+    out.index.push_back(static_cast<int64_t>(i));
     const bool usable = is_dense(a[i]) && (!out.has_b || (is_dense((*b)[i]) && same_memory_order(a[i], (*b)[i])));
     if (usable) {
       out.a.push_back(a[i]);
@@ -162,7 +163,7 @@ void finish_combine(CombineWork& work) {
   bump_versions(work.gf);
 }
 
-bool uses_momentum_buffer(const UpdateRequest& req) { return req.rule == kSgd && req.momentum != 0.0; }
+bool uses_momentum_buffer(const UpdateRequest& req) { return req.rule == kRuleSgd && req.momentum != 0.0; }
 
 RuleHyper rule_hyper(const UpdateRequest& req) {
   return make_rule_hyper(req.lr, req.beta1, req.beta2, req.eps, req.weight_decay, req.momentum, req.dampening,
@@ -170,12 +171,12 @@ RuleHyper rule_hyper(const UpdateRequest& req) {
 }
 
 UpdatePlan plan_update(const UpdateRequest& req, const at::Device& device) {
-  TORCH_CHECK(req.rule == kSgd || req.rule == kAdam || req.rule == kAdamW, "unknown rule code ", req.rule);
+  TORCH_CHECK(req.rule >= 0 && req.rule < kRuleCount, "unknown rule code ", req.rule);
   const size_t n = req.params.size();
   check_list_length(req.grads_f, n, "grads_f");
   check_list_length(req.steps, n, "step");
   if (req.grads_r) check_list_length(*req.grads_r, n, "grads_r");
-  const bool adam = req.rule != kSgd;
+  const bool adam = req.rule != kRuleSgd;
   const bool momentum = uses_momentum_buffer(req);
   if (adam) {
     check_list_length(req.exp_avg, n, "exp_avg");

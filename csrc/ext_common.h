@@ -22,6 +22,7 @@ bool is_kernel_dtype(at::ScalarType t);
 struct ReadPairs {
   TensorList a;
   TensorList b;  // empty when there is no second list
+  std::vector<int64_t> index;  // position of each pair in the caller's lists
   bool has_b = false;
 };
 
@@ -53,7 +54,7 @@ struct UpdateGroup {
 };
 
 struct UpdateRequest {
-  int rule = kAdamW;
+  int rule = kRuleAdamw;
   TensorList params, grads_f;
   std::optional<TensorList> grads_r;
   TensorList steps, exp_avg, exp_avg_sq, momentum_buffer;

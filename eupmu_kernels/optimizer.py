@@ -87,8 +87,9 @@ class EUPMU(torch.optim.Optimizer):
             Implicit mode without clipping skips its one reduction pass when this is False.
         state_dtype: dtype of optimizer state (e.g. ``torch.float32`` for bf16 parameters);
             default: the parameter's dtype, like ``torch.optim``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``; default: the
-            ``EUPMU_BACKEND`` environment variable, else auto.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (the compiled extension;
+            ``"cuda"`` is its deprecated former name); default: the ``EUPMU_BACKEND`` environment
+            variable, else auto.
         bucket_numel: maximal elements per bucket of the retain-gradient buffer.
         retain_capture: how explicit mode keeps g_r (docs/design.md, Retain capture):
             ``"reference"`` keeps the tensors autograd made for the retain pass (no copy, no

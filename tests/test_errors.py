@@ -86,9 +86,9 @@ def test_invalid_configuration():
 def test_unavailable_backend_is_explained(monkeypatch):
     from eupmu_kernels import dispatch
 
-    monkeypatch.setattr(dispatch, "_load", lambda name: None if name == "cuda" else dispatch.TorchBackend())
-    with pytest.raises(dispatch.BackendUnavailableError, match="EUPMU_BUILD_CUDA=1"):
-        dispatch.get_backend("cuda", torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(dispatch, "_load", lambda name: None if name == "native" else dispatch.TorchBackend())
+    with pytest.raises(dispatch.BackendUnavailableError, match="EUPMU_BUILD_EXT=1"):
+        dispatch.get_backend("native", torch.device("cpu"), torch.float32)
 
 
 def test_non_dense_parameter_is_rejected():
@@ -96,3 +96,20 @@ def test_non_dense_parameter_is_rejected():
     p = torch.nn.Parameter(base[:, ::2])  # a strided view: not dense
     with pytest.raises(ValueError, match="not dense"):
         EUPMU([p], mode="explicit", backend="torch")
+
+
+def test_cuda_is_a_deprecated_alias_of_native(monkeypatch):
+    from eupmu_kernels import dispatch
+
+    with pytest.warns(DeprecationWarning, match="use 'native'"):
+        assert dispatch.requested_backend("cuda") == "native"
+    monkeypatch.setenv("EUPMU_BACKEND", "CUDA")
+    with pytest.warns(DeprecationWarning, match="environment variable EUPMU_BACKEND='cuda'"):
+        assert dispatch.requested_backend(None) == "native"
+    monkeypatch.delenv("EUPMU_BACKEND")
+    with pytest.warns(DeprecationWarning):
+        opt = EUPMU([torch.nn.Parameter(torch.zeros(3))], mode="implicit", backend="cuda")
+    assert opt.backend == "native"
+    assert "cuda" not in dispatch.available_backends()
+    with pytest.raises(ValueError, match="native"):
+        dispatch.requested_backend("gpu")

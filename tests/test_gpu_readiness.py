@@ -171,6 +171,18 @@ def test_cuda_kernels_compile_for_both_archs(report):
         assert len(rows) >= 40  # every template instantiation of the launchers
 
 
+def test_cuda_kernels_read_their_launch_arguments_in_place(report):
+    """The tensor lists travel by value in the kernel arguments (csrc/launch_plan.h): no kernel
+    copies them to a stack frame or spills, at either arch."""
+    if _nvcc() is None:
+        pytest.skip("nvcc not found")
+    rows = _rows(report, backend="cuda")
+    assert rows
+    framed = [f"{_describe(r)}: {r['stack_bytes']} B stack, {r['spills']} B spilled" for r in rows
+              if r["stack_bytes"] or r["spills"]]
+    assert not framed, "\n".join(framed)
+
+
 def test_bytes_model_projection_is_labelled(report):
     projection = report["bytes_model_projection"]
     two_pass = [p for p in projection if p["kernel"].startswith("explicit surgery") and p["layout"] == "fp32"]

@@ -82,7 +82,7 @@ def wheel(tmp_path_factory) -> tuple[Path, Path]:
 
 def pip(*args: str, cwd: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args],
-                          capture_output=True, text=True, env={**os.environ, "EUPMU_BUILD_CUDA": "0"}, cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "EUPMU_BUILD_EXT": "0"}, cwd=cwd,
                           timeout=600)
     assert done.returncode == 0, done.stderr
 

@@ -252,7 +252,7 @@ def test_coefficients_match_reference_and_torch_path(method):
     for name, gram in GRAMS.items():
         for max_norm in (None, 0.7):
             for inv in (None, 0.25):
-                cfg = SurgeryConfig(method=method, eps=0.5, alpha=0.3, max_norm=max_norm)
+                cfg = SurgeryConfig(method=method, tolerance=0.5, alpha=0.3, max_norm=max_norm)
                 g = torch.tensor(gram, device=DEVICE)
                 inv_t = None if inv is None else torch.tensor(inv, device=DEVICE)
                 got = BACKEND.coefficients(g, cfg, inv_t, None).cpu()
@@ -296,7 +296,7 @@ def test_combine_matches_reference(case, dtype):
     natural = ref.surgery(host64(g_f), host64(g_r), "ungrad", eps=0.01).norm().item()
     max_norm = 0.5 * natural  # clipping active
     expected = ref.surgery(host64(g_f), host64(g_r), "ungrad", eps=0.01, max_norm=max_norm)
-    coef = BACKEND.coefficients(BACKEND.gramian(g_f, g_r), SurgeryConfig("ungrad", eps=0.01, max_norm=max_norm),
+    coef = BACKEND.coefficients(BACKEND.gramian(g_f, g_r), SurgeryConfig("ungrad", tolerance=0.01, max_norm=max_norm),
                                 None, None)
     assert coef[LAM].item() > 0
     g_r_before = [t.clone() for t in g_r]
@@ -391,7 +391,7 @@ def run_step_case(key: str, shapes, dtype: torch.dtype, state_dtype: torch.dtype
     g_f, g_r = conflicting_pair(shapes, dtype, seed=30)
     params = on_device(make_tensors(shapes, dtype, seed=31))
     st = initial_state(params, rule, state_dtype)
-    coef = BACKEND.coefficients(BACKEND.gramian(g_f, g_r), SurgeryConfig("ungrad", eps=0.01), None, None)
+    coef = BACKEND.coefficients(BACKEND.gramian(g_f, g_r), SurgeryConfig("ungrad", tolerance=0.01), None, None)
     d = ref.surgery(host64(g_f), host64(g_r), "ungrad", eps=0.01)
     step_hyper = StepHyper(**hp)
     for it in range(steps):

@@ -8,7 +8,7 @@ from typing import Any
 Record = dict[str, Any]
 
 # Colour per method, line style per kernel backend (baselines dashed).
-BACKEND_STYLES = {"cuda": "-", "triton": "-.", "torch": ":"}
+BACKEND_STYLES = {"native": "-", "triton": "-.", "torch": ":"}
 BASELINE_STYLE = "--"
 
 

@@ -27,7 +27,7 @@ from .methods import FLOOR, NAIVE_METHODS, Method
 from .timing import count_host_syncs, time_steps
 from .workloads import Workload, make_workload
 
-BACKEND_NAMES = ("torch", "triton", "cuda")
+BACKEND_NAMES = ("torch", "triton", "native")
 # Memory per parameter a case may need, in units of the gradient size, beyond the workload:
 # the parameter copy, two moments and naive surgery's flat copies and temporaries.
 _CASE_GRADIENTS = 8

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends.base import COEF_LEN, METHOD_CODE, SurgeryConfig
-from ..reference import CLIP_EPS
+from ..contract import CLIP_EPS
 from .common import DBL_MAX, FLT_MAX, aligned
 
 UNGRAD: tl.constexpr = tl.constexpr(METHOD_CODE["ungrad"])

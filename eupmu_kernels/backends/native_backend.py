@@ -1,8 +1,9 @@
-"""The compiled backend: the C++/CUDA extension ``eupmu_kernels._C``.
+"""The ``native`` backend: the compiled extension ``eupmu_kernels._C``.
 
-CUDA tensors run the CUDA kernels (multi-tensor launches over 64k-element chunks); CPU tensors
-run fused C++ loops on ATen's intra-op threads. Both implement the contract of
-:mod:`eupmu_kernels.backends.base` for float32, bfloat16 and float16 storage with float32 math.
+CPU tensors run fused C++ loops on ATen's intra-op threads (always compiled in); CUDA tensors run
+the CUDA kernels (multi-tensor launches over 64k-element chunks) when the extension was built with
+them (``has_cuda_kernels()``). Both implement the kernel contract (:mod:`eupmu_kernels.contract`)
+for float32, bfloat16 and float16 storage with float32 math.
 
 The extension handles every parameter whose optimizer state shares the parameter's dense layout
 and is float32 or of the parameter's dtype; it hands any other parameter back, and those few go
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..reductions import sum_rows
 from .base import METHOD_CODE, RULE_CODE, RuleStateLists, StepHyper, SurgeryConfig
 from .torch_backend import TorchBackend
 
@@ -46,7 +48,7 @@ def extension_error() -> str | None:
 def _ext() -> ModuleType:
     ext = load_extension()
     if ext is None:
-        raise RuntimeError("eupmu_kernels._C is not built; reinstall with EUPMU_BUILD_CUDA=1")
+        raise RuntimeError("eupmu_kernels._C is not built; reinstall with EUPMU_BUILD_EXT=1")
     return ext
 
 
@@ -54,8 +56,8 @@ def _subset(tensors: Sequence[Tensor], idx: Sequence[int]) -> list[Tensor]:
     return [tensors[i] for i in idx] if tensors else []
 
 
-class CudaBackend:
-    name = "cuda"
+class NativeBackend:
+    name = "native"
 
     def __init__(self) -> None:
         self._fallback = TorchBackend()
@@ -72,7 +74,14 @@ class CudaBackend:
         return device.type == "cpu"
 
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
-        return _ext().gramian(list(a), None if b is None else list(b))
+        # Per-tensor float64 totals, then the fixed-order column sum of eupmu_kernels.reductions:
+        # the order in which the post-accumulate-grad hooks' slots are summed, so the Gramian is
+        # bit-identical whether the hooks or the step formed it (docs/design.md, Kernel contract).
+        # One tensor is its own total (the hooks' case): no sum to form.
+        a, b = list(a), None if b is None else list(b)
+        if len(a) == 1:
+            return _ext().gramian(a, b)
+        return sum_rows(_ext().gramian(a, b, per_tensor=True))
 
     def coefficients(self, gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None,
                      found_inf: Tensor | None) -> Tensor:
@@ -100,8 +109,3 @@ class CudaBackend:
         self._fallback.step_(rule, _subset(params, idx), _subset(grads_f, idx),
                              None if grads_r is None else _subset(grads_r, idx), sub_state, coef, hp)
 
-
-def cpu_kernel_variant() -> str | None:
-    """The CPU kernel variant in use ("avx512", "avx2" or "default"), None without the extension."""
-    ext = load_extension()
-    return None if ext is None else str(ext.cpu_isa())

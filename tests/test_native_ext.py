@@ -1,4 +1,4 @@
-"""The compiled extension eupmu_kernels._C: C++ CPU kernels here, CUDA kernels on a GPU machine.
+"""The native backend, the compiled extension eupmu_kernels._C: C++ CPU kernels here, CUDA kernels on a GPU machine.
 
 Every kernel is checked against the float64 reference applied to the same stored inputs, one
 launch at a time, so low-precision outputs are allowed one rounding of the stored value plus
@@ -15,13 +15,13 @@ from gramian_range import huge_pair, tiny_forget_pair, truth, wide_range_pair
 from helpers import SIZE_CASES, STORE_RTOL, assert_close_rel, flat64, make_tensors
 from torch import Tensor
 
-from eupmu_kernels import EUPMU
+from eupmu_kernels import EUPMU, contract
 from eupmu_kernels import coefficients as torch_coefficients
 from eupmu_kernels import reference as ref
 from eupmu_kernels.backends.base import CA, CB, COEF_LEN, COS, DNORM, LAM, METHOD_CODE, RULE_CODE, SKIP, RuleStateLists
 from eupmu_kernels.backends.base import StepHyper
 from eupmu_kernels.backends.base import SurgeryConfig
-from eupmu_kernels.backends.cuda_backend import CudaBackend, extension_error, load_extension
+from eupmu_kernels.backends.native_backend import NativeBackend, extension_error, load_extension
 from eupmu_kernels.backends.torch_backend import TorchBackend
 
 EXT = load_extension()
@@ -79,14 +79,36 @@ def coef_vector(ca: float, cb: float, skip: float = 0.0, device: str = "cpu") ->
 def test_extension_imports():
     if EXT is None:
         pytest.fail(f"EUPMU_REQUIRE_EXT=1 but eupmu_kernels._C does not import: {extension_error()}")
-    backend = CudaBackend()
-    assert backend.available() and backend.name == "cuda"
-    assert EXT.has_cuda_kernels()
+    backend = NativeBackend()
+    assert backend.available() and backend.name == "native"
     assert backend.supports(torch.device("cpu"), torch.float32)
     assert backend.supports(torch.device("cpu"), torch.bfloat16)
     assert not backend.supports(torch.device("cpu"), torch.float64)
-    assert backend.supports(torch.device("cuda"), torch.float16) == torch.cuda.is_available()
     assert EXT.cpu_isa() in EXT.cpu_isas() and "default" in EXT.cpu_isas()
+
+
+def test_cuda_kernels_are_reported_as_built():
+    """has_cuda_kernels() says what the build compiled in (read independently from the binary:
+    the CUDA kernels' names are in it exactly when they were compiled), and CUDA tensors are
+    taken only then."""
+    built = EXT.has_cuda_kernels()
+    assert isinstance(built, bool)
+    with open(EXT.__file__, "rb") as fh:
+        assert built == (b"gram_chunks_kernel" in fh.read())
+    if torch.version.cuda is None:
+        assert not built  # a CPU-only torch cannot have built them
+    assert NativeBackend().supports(torch.device("cuda"), torch.float16) == (built and torch.cuda.is_available())
+
+
+def test_compiled_codes_are_the_python_ones():
+    """The slots and codes the kernels were compiled with (the generated eupmu_contract.h) are
+    those of the Python registries."""
+    codes = EXT.contract_codes()
+    assert codes["coef_len"] == contract.COEF_LEN
+    assert codes["slots"] == {name: i for i, name in enumerate(contract.COEF_SLOTS)}
+    assert codes["clip_eps"] == contract.CLIP_EPS
+    assert codes["methods"] == contract.surgery_codes() and codes["method_count"] == len(codes["methods"])
+    assert codes["rules"] == contract.rule_codes() and codes["rule_count"] == len(codes["rules"])
 
 
 # ------------------------------------------------------------------------------ Gramian
@@ -121,6 +143,25 @@ def test_gramian_is_deterministic(device):
             assert torch.equal(first, EXT.gramian(a, b))
         finally:
             torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_b", [True, False])
+def test_per_tensor_rows_are_each_tensors_own_gramian(device, with_b):
+    """Row i of gramian(..., per_tensor=True) is bit for bit what tensor i alone gives (the slot the
+    backward-pass hook fills), empty tensors give zero rows; 200 tensors and a 300k-element one take
+    several launches and several chunks on either device."""
+    shapes = [(3 + i % 11,) for i in range(200)] + [(0,), (300_001,), (7, 5)]
+    a = to(make_tensors(shapes, dtype=torch.bfloat16, seed=70), device)
+    b = to(make_tensors(shapes, dtype=torch.bfloat16, seed=71), device) if with_b else None
+    rows = EXT.gramian(a, b, per_tensor=True)
+    assert rows.shape == (len(a), 3) and rows.dtype == torch.float64 and rows.device.type == device
+    for i in range(len(a)):
+        assert torch.equal(rows[i], EXT.gramian([a[i]], None if b is None else [b[i]])), i
+    assert torch.equal(rows[200], torch.zeros(3, dtype=torch.float64, device=device))
+    torch.testing.assert_close(rows.sum(0), EXT.gramian(a, b), rtol=1e-12, atol=0)
+    if not with_b:
+        assert not rows[:, 1:].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -163,7 +204,7 @@ GRAMS = [
 @pytest.mark.parametrize("max_norm", [None, 0.5])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_coefficients_match_the_torch_formulas(device, method, max_norm, scaled):
-    cfg = SurgeryConfig(method=method, eps=0.05, alpha=0.3, max_norm=max_norm)
+    cfg = SurgeryConfig(method=method, tolerance=0.05, alpha=0.3, max_norm=max_norm)
     inv_scale = torch.tensor(1.0 / 1024, device=device) if scaled else None
     for values in GRAMS:
         gram = torch.tensor(values, dtype=torch.float32, device=device)
@@ -173,8 +214,9 @@ def test_coefficients_match_the_torch_formulas(device, method, max_norm, scaled)
             ours = EXT.coefficients(gram, METHOD_CODE[method], cfg.eps, cfg.alpha, max_norm, inv_scale, found_inf)
             want = torch_coefficients.coefficients(gram, cfg, inv_scale, found_inf)
             assert ours.shape == (COEF_LEN,) and ours.device.type == device
+            what = f"{values} found_inf={found_inf}"
             torch.testing.assert_close(ours, want, rtol=2e-6, atol=0, equal_nan=True,
-                                       msg=lambda m: f"{values} found_inf={found_inf}: {m}")
+                                       msg=lambda m, what=what: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -360,8 +402,8 @@ def run_and_check_steps(device: str, rule_name: str, dtype: torch.dtype, state_d
         what = f"{rule_name} {dtype}/{state_dtype} step {k}"
         assert_close_rel(flat64(params), torch.cat([e[0] for e in expected]), OUT_RTOL[dtype], what)
         if dtype == torch.float32:  # the update itself, not only the parameter it lands on
-            assert_close_rel(flat64(params) - torch.cat(before), torch.cat([e[0] for e in expected]) - torch.cat(before),
-                             2e-5, what + " update")
+            moved = torch.cat([e[0] for e in expected]) - torch.cat(before)
+            assert_close_rel(flat64(params) - torch.cat(before), moved, 2e-5, what + " update")
         for slot, lst in ((1, st.exp_avg if rule != "sgd" else st.momentum_buffer), (2, st.exp_avg_sq)):
             if lst and expected[0][slot] is not None:
                 assert_close_rel(flat64(lst), torch.cat([e[slot] for e in expected]), OUT_RTOL[state_dtype],
@@ -401,7 +443,7 @@ def test_skipped_step_changes_nothing(device, rule_name, dtype, state_dtype):
     st = make_state(rule, hp, params, state_dtype, 2.0, seed=33)
     st = RuleStateLists(*[to(lst, device) for lst in (st.step, st.exp_avg, st.exp_avg_sq, st.momentum_buffer)])
     snapshot = [t.clone() for t in params + st.step + st.exp_avg + st.exp_avg_sq + st.momentum_buffer]
-    CudaBackend().step_(rule, params, g_f, g_r, st, coef, hp)
+    NativeBackend().step_(rule, params, g_f, g_r, st, coef, hp)
     after = params + st.step + st.exp_avg + st.exp_avg_sq + st.momentum_buffer
     assert all(torch.equal(x, y) for x, y in zip(after, snapshot))
 
@@ -412,7 +454,7 @@ def test_found_inf_skips_the_step(device):
     grads = to(make_tensors([(50,), (3, 4)], seed=35), device)
     st = RuleStateLists(step=[torch.tensor(1.0, device=device) for _ in params],
                         exp_avg=[torch.zeros_like(p) for p in params], exp_avg_sq=[torch.zeros_like(p) for p in params])
-    backend = CudaBackend()
+    backend = NativeBackend()
     cfg = SurgeryConfig(method="none")
     coef = backend.coefficients(backend.gramian(grads, None), cfg, None, torch.tensor(1.0, device=device))
     snapshot = [t.clone() for t in params + st.step]
@@ -448,9 +490,10 @@ def test_step_hands_back_parameters_it_cannot_take(device):
     assert not torch.equal(params[2], before[2])
 
     ours, theirs = setup(), setup()
-    CudaBackend().step_("adam", ours[0], ours[1], None, ours[2], coef, hp)
+    NativeBackend().step_("adam", ours[0], ours[1], None, ours[2], coef, hp)
     TorchBackend().step_("adam", theirs[0], theirs[1], None, theirs[2], coef, hp)
-    for mine, want in zip(ours[0] + ours[2].exp_avg_sq + ours[2].step, theirs[0] + theirs[2].exp_avg_sq + theirs[2].step):
+    mine_all = ours[0] + ours[2].exp_avg_sq + ours[2].step
+    for mine, want in zip(mine_all, theirs[0] + theirs[2].exp_avg_sq + theirs[2].step):
         torch.testing.assert_close(mine, want, rtol=1e-6, atol=1e-7)
     assert ours[0][0].is_contiguous(memory_format=torch.channels_last)
 
@@ -518,7 +561,7 @@ def train(backend: str, device: str, mode: str, config: dict, steps: int = 20,
 @pytest.mark.parametrize("mode", ["explicit", "implicit"])
 @pytest.mark.parametrize("name", list(OPTIMIZER_CONFIGS))
 def test_optimizer_follows_the_torch_backend(device, mode, name):
-    ours, opt = train("cuda", device, mode, OPTIMIZER_CONFIGS[name])
+    ours, opt = train("native", device, mode, OPTIMIZER_CONFIGS[name])
     theirs, twin = train("torch", device, mode, OPTIMIZER_CONFIGS[name])
     assert_close_rel(flat64(ours.parameters()).cpu(), flat64(theirs.parameters()).cpu(), 1e-5, f"{name} {mode}")
     for p, q in zip(ours.parameters(), theirs.parameters()):
@@ -529,7 +572,7 @@ def test_optimizer_follows_the_torch_backend(device, mode, name):
 @pytest.mark.parametrize("device", DEVICES)
 def test_optimizer_bf16_params_with_float32_state(device):
     config = dict(OPTIMIZER_CONFIGS["adamw"], state_dtype=torch.float32)
-    ours, opt = train("cuda", device, "explicit", config, steps=10, dtype=torch.bfloat16)
+    ours, opt = train("native", device, "explicit", config, steps=10, dtype=torch.bfloat16)
     theirs, _ = train("torch", device, "explicit", config, steps=10, dtype=torch.bfloat16)
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     assert_close_rel(flat64(ours.parameters()).cpu(), flat64(theirs.parameters()).cpu(), 3e-2, "bf16 params")
@@ -539,7 +582,7 @@ def test_writes_bump_autograd_versions():
     p = torch.nn.Parameter(torch.randn(10))
     version = p._version
     st = RuleStateLists(step=[torch.tensor(0.0)])
-    CudaBackend().step_("sgd", [p], [torch.randn(10)], None, st, coef_vector(1.0, 0.0), StepHyper(lr=0.1))
+    NativeBackend().step_("sgd", [p], [torch.randn(10)], None, st, coef_vector(1.0, 0.0), StepHyper(lr=0.1))
     assert p._version > version and st.step[0].item() == 1.0
 
 
@@ -560,13 +603,13 @@ def test_cuda_unaligned_views_take_the_element_path(dtype):
     for params, gf, gr in (([p], [g_f], [g_r]), ([aligned[0]], [aligned[1]], [aligned[2]])):
         st = RuleStateLists(step=[torch.tensor(0.0, device="cuda")], exp_avg=[torch.zeros_like(params[0])],
                             exp_avg_sq=[torch.zeros_like(params[0])])
-        CudaBackend().step_("adamw", params, gf, gr, st, coef_vector(1.0, 0.5, device="cuda"), hp)
+        NativeBackend().step_("adamw", params, gf, gr, st, coef_vector(1.0, 0.5, device="cuda"), hp)
     torch.testing.assert_close(p, aligned[0], rtol=0, atol=0)
 
 
 @pytest.mark.gpu
 def test_cuda_step_does_not_synchronise():
-    model, opt = train("cuda", "cuda", "explicit", OPTIMIZER_CONFIGS["adamw"], steps=2)
+    model, opt = train("native", "cuda", "explicit", OPTIMIZER_CONFIGS["adamw"], steps=2)
     x = torch.randn(8, 12, device="cuda")
     opt.zero_grad()
     model(x).square().mean().backward()
@@ -579,6 +622,63 @@ def test_cuda_step_does_not_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_cuda_step_copies_nothing_to_the_device():
+    """The launch metadata travels in the kernel arguments: a steady-state step (explicit, AdamW,
+    clipping) issues no host-to-device copy, over more tensors than one launch takes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(40)]).cuda()  # 80 tensors
+    opt = EUPMU(model.parameters(), mode="explicit", backend="native", max_grad_norm=1.0, lr=1e-3)
+    x = torch.randn(8, 16, device="cuda")
+
+    def iteration():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.stash_retain_grad()
+        model(x).mean().backward()
+
+    for _ in range(2):
+        iteration()
+        opt.step()
+    iteration()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "HtoD" in e.name]
+    assert copies == [], copies
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_cuda_hooks_and_step_give_the_same_gramian_bits(mode):
+    """On the GPU too, the native in-step Gramian (per-tensor rows, then reductions.sum_rows) equals
+    the one the backward-pass hooks form, bit for bit."""
+    grams = []
+    for in_backward in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 3000), torch.nn.Tanh(), torch.nn.Linear(3000, 40),
+                                    torch.nn.Tanh(), torch.nn.Linear(40, 4)).cuda()
+        opt = EUPMU(model.parameters(), mode=mode, backend="native", gramian_in_backward=in_backward, lr=1e-3,
+                    max_grad_norm=1.0, dual="paper")
+        x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1)).cuda()
+        for _ in range(2):
+            opt.zero_grad()
+            forget, retain = -model(x[:32]).square().mean(), model(x[32:]).square().mean()
+            if mode == "explicit":
+                retain.backward()
+                opt.stash_retain_grad()
+                forget.backward()
+            else:
+                opt.combine(forget, retain).backward()
+            opt.step()
+        assert opt.gramian_source == ("backward" if in_backward else "step")
+        grams.append(opt.stats()["gramian"].cpu())
+    assert torch.equal(grams[0], grams[1]), grams
 
 
 @pytest.mark.gpu
