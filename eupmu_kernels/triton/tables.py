@@ -30,7 +30,10 @@ from torch import Tensor
 
 BLOCK = 4096
 ALIGN_BYTES = 16
-CACHE_CAPACITY = 64
+# The backward-pass hooks launch one Gramian per parameter and phase, so a model of P parameter
+# tensors uses about 2P + a few tables per step in steady state: room for large models (tables are
+# a few hundred bytes each on the device).
+CACHE_CAPACITY = 8192
 
 TableKey = tuple
 
