@@ -167,7 +167,7 @@ def _record_launches() -> list[tuple[Any, tuple, dict]]:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from eupmu_kernels.backends.base import METHOD_CODE, RuleStateLists, StepHyper, SurgeryConfig
+    from eupmu_kernels.contract import RuleStateLists, StepHyper, SurgeryConfig, surgery_codes
     from eupmu_kernels.backends.triton_backend import TritonBackend
 
     launches: list[tuple[Any, tuple, dict]] = []
@@ -189,7 +189,7 @@ def _record_launches() -> list[tuple[Any, tuple, dict]]:
             for has_b in (True, False):
                 backend.gramian(tensors(dtype), tensors(dtype) if has_b else None)
         gram = torch.ones(3, dtype=torch.float64)
-        for method in METHOD_CODE:
+        for method in surgery_codes():
             for inv in (None, torch.tensor(0.5)):
                 for found_inf in (None, torch.zeros(1)):
                     for max_norm in (None, 1.0):

@@ -36,8 +36,10 @@ def ungrad_lambda(gram: Tensor, eps: float) -> float:
 
 
 def pair_coefficients(gram: Tensor, method: str, eps: float = 0.0, alpha: float = 1.0) -> tuple[float, float]:
-    """(a, b) such that d = a*g_f + b*g_r for the two-gradient rules (docs/design.md, Explicit surgery)."""
+    """(a, b) such that d = a*g_f + b*g_r for every surgery rule (docs/design.md, Explicit surgery)."""
     aa, ab, bb = (float(v) for v in gram)
+    if method == "none":  # the one-gradient case (implicit mode): d = g_f
+        return 1.0, 0.0
     if method == "ungrad":
         return 1.0, ungrad_lambda(gram, eps)
     if method == "graddiff":

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import flat64
-from test_optimizer_explicit import batch, explicit_step, losses, make_model
+from fixtures import batch, explicit_step, flat64, losses, make_model
 
 from eupmu_kernels import EUPMU
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import flat64
+from fixtures import explicit_step, flat64, losses, make_model
 
 from eupmu_kernels import EUPMU
 from eupmu_kernels import reference as ref
@@ -20,35 +20,6 @@ RULES = {
 
 def rule_name(key: str) -> str:
     return key.split("_")[0]
-
-
-def make_model(dtype=torch.float32, seed=0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
-
-
-def batch(step: int, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(1000 + step)
-    x_f = torch.randn(8, 6, generator=gen, dtype=dtype)
-    x_r = torch.randn(16, 6, generator=gen, dtype=dtype)
-    y_f = torch.randint(0, 3, (8,), generator=gen)
-    y_r = torch.randint(0, 3, (16,), generator=gen)
-    return x_f, y_f, x_r, y_r
-
-
-def losses(model, step, dtype=torch.float32):
-    x_f, y_f, x_r, y_r = batch(step, dtype)
-    ce = torch.nn.functional.cross_entropy
-    return -ce(model(x_f), y_f), ce(model(x_r), y_r)
-
-
-def explicit_step(model, opt, step, dtype=torch.float32):
-    opt.zero_grad()
-    forget, retain = losses(model, step, dtype)
-    retain.backward()
-    opt.stash_retain_grad()
-    forget.backward()
-    opt.step()
 
 
 @pytest.mark.parametrize("key", list(RULES))

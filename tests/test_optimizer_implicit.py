@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import flat64
+from fixtures import flat64
 
 from eupmu_kernels import EUPMU
 from eupmu_kernels import reference as ref

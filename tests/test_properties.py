@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import flat64
+from fixtures import flat64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import flat64
+from fixtures import flat64
 
 from eupmu_kernels import EUPMU, ops
 

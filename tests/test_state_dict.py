@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from test_optimizer_explicit import explicit_step, losses, make_model
+from fixtures import explicit_step, losses, make_model
 
 from eupmu_kernels import EUPMU
 

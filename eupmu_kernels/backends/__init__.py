@@ -1,1 +1,1 @@
-"""Kernel backends (torch, Triton, compiled extension) behind one contract: see ``base``."""
+"""Kernel backends (torch, Triton, compiled extension) behind one contract: see ``eupmu_kernels.contract``."""

@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 
 from ..reductions import sum_rows
-from .base import METHOD_CODE, RULE_CODE, RuleStateLists, StepHyper, SurgeryConfig
+from ..contract import RuleStateLists, StepHyper, SurgeryConfig, rule_codes, surgery_codes
 from .torch_backend import TorchBackend
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+METHOD_CODE = surgery_codes()
+RULE_CODE = rule_codes()
 
 
 @lru_cache(maxsize=None)

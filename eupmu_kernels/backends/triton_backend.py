@@ -28,8 +28,10 @@ import torch
 from torch import Tensor
 
 from ..validation import is_dense
-from .base import COEF_LEN, RULES, RuleStateLists, StepHyper, SurgeryConfig
+from ..contract import COEF_LEN, RuleStateLists, StepHyper, SurgeryConfig
+from ..rules import RULES as _RULE_UNITS
 
+RULES = tuple(_RULE_UNITS)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

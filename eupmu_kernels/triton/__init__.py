@@ -1,4 +1,4 @@
-"""Triton kernels of the kernel contract (``eupmu_kernels.backends.base``).
+"""Triton kernels of the kernel contract (``eupmu_kernels.contract``).
 
 One module per kernel family: ``tables`` (device address tables, one launch per group),
 ``gramian`` (deterministic two-stage reduction), ``coefficients`` (the coefficient vector from

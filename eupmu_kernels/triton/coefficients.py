@@ -1,4 +1,4 @@
-"""The coefficient vector (backends.base layout) from the Gramian, in one single-program kernel.
+"""The coefficient vector (eupmu_kernels.contract layout) from the Gramian, in one single-program kernel.
 
 The Gramian is float64 (docs/design.md, Kernel contract); a float32 one is widened first, which
 is exact. All of the stage runs in float64: the scale factors, lambda, the clip factor and the
@@ -19,10 +19,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.base import COEF_LEN, METHOD_CODE, SurgeryConfig
+from ..contract import COEF_LEN, SurgeryConfig, surgery_codes
 from ..contract import CLIP_EPS
 from .common import DBL_MAX, FLT_MAX, aligned
 
+METHOD_CODE = surgery_codes()
 UNGRAD: tl.constexpr = tl.constexpr(METHOD_CODE["ungrad"])
 PCGRAD: tl.constexpr = tl.constexpr(METHOD_CODE["pcgrad"])
 GRADDIFF: tl.constexpr = tl.constexpr(METHOD_CODE["graddiff"])
@@ -114,7 +115,7 @@ def _scalar_f32(x: Tensor, device: torch.device) -> Tensor:
 
 def coefficients(gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None, found_inf: Tensor | None) -> Tensor:
     """float32[COEF_LEN] on ``gram``'s device from a float64 (or float32) Gramian; see
-    ``eupmu_kernels.backends.base``."""
+    ``eupmu_kernels.contract``."""
     if cfg.method not in METHOD_CODE:
         raise ValueError(f"unknown surgery method {cfg.method!r}")
     device = gram.device

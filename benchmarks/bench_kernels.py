@@ -2,7 +2,7 @@
 
 Not part of the default test run (its name does not start with ``test_``). Run with
 
-    python -m pytest tests/bench_kernels.py
+    python -m pytest benchmarks/bench_kernels.py
 
 Environment: ``EUPMU_BENCH_NUMEL`` (default 4e6 parameters), ``EUPMU_BENCH_MODEL`` (gpt2 or
 llama tensor layout), ``EUPMU_BENCH_DTYPES`` (default "float32,bfloat16"). The device is CUDA
@@ -23,7 +23,7 @@ from eupmu_bench.runner import BACKEND_NAMES, dtype_name, usable_backends
 from eupmu_bench.workloads import Workload, make_workload
 
 from eupmu_kernels import dispatch
-from eupmu_kernels.backends.base import KernelBackend, RuleStateLists, StepHyper, SurgeryConfig
+from eupmu_kernels.contract import KernelBackend, RuleStateLists, StepHyper, SurgeryConfig
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUMEL = int(float(os.environ.get("EUPMU_BENCH_NUMEL", "4e6")))
