@@ -21,7 +21,8 @@ from eupmu_kernels import EUPMU, contract
 from eupmu_kernels import reference as ref
 from eupmu_kernels.backends.native_backend import NativeBackend, extension_error, load_extension
 from eupmu_kernels.backends.torch_backend import TorchBackend
-from eupmu_kernels.contract import CA, CB, COEF_LEN, COS, LAM, SKIP, RuleStateLists, StepHyper, rule_codes, surgery_codes
+from eupmu_kernels.contract import (CA, CB, COEF_LEN, COS, LAM, SKIP, RuleStateLists, StepHyper, rule_codes,
+                                    surgery_codes)
 
 METHOD_CODE = surgery_codes()
 RULE_CODE = rule_codes()
