@@ -10,6 +10,7 @@ tests/fixtures.py). Tolerances come from the tolerance table in tests/fixtures.p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -28,6 +29,7 @@ from fixtures import (
     SURGERY_NAMES,
     SURGERY_SETTINGS,
     TABLE_DTYPES,
+    UNAVAILABLE,
     U32,
     assert_close_rel,
     assert_within,
@@ -423,6 +425,82 @@ def test_empty_parameter_still_counts_a_step(backend):
     rs = ref.RuleState(step=7, exp_avg=zeros.clone(), exp_avg_sq=zeros.clone())
     want = ref.adamw_step(torch.ones(3), torch.full((3,), 0.5), rs, **reference_rule_kwargs("adamw", hp))
     assert_close_rel(flat64(params[1:]), want, step_rtol(torch.float32), "params")
+
+
+# ------------------------------------------------------------------------- update-space surgery
+# Backends that implement update-space surgery (docs/design.md, Update-space surgery) say so with
+# ``update_space = True``; the others hand those steps to the torch backend. The rows below cover
+# every backend that says so (and one that cannot run here, skipped).
+
+
+def update_space_table() -> list:
+    rows = table({"config": {c: c for c in RULE_CONFIGS}}, light=lambda *values: False)
+    keep = []
+    for row in rows:
+        name = row.values[0]
+        if UNAVAILABLE[name] or getattr(get_backend(name, row.values[1]), "update_space", False):
+            keep.append(row)
+    return keep
+
+
+def retain_change_magnitude(rule, p, g_f, g_r, rs, lam, clip, **hp) -> float:
+    """The sum of the magnitudes of the terms of -<u, g_r> (the reference on absolute values: every term of
+    the step then moves theta the same way): the scale of the rounding errors of K0, K1, K2."""
+    st = copy.deepcopy(rs)
+    for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+        if getattr(st, key) is not None:
+            setattr(st, key, getattr(st, key).abs())
+    return -ref.first_order_retain_change(rule, p.abs(), g_f.abs(), g_r.abs(), st, lam, clip, **hp)
+
+
+@pytest.mark.parametrize("backend, dtype, size, config", update_space_table())
+def test_update_terms(backend, dtype, size, config):
+    """update_terms: (K0, K1, K2, T0) with -<u, g_r> = K0 + c (K1 + lambda K2) for the step d = c (g_f + lambda g_r)
+    (Adam's denominator from the uncorrected g_f), T0 = <theta, g_r>; and the step that goes with them."""
+    rule, options = RULE_CONFIGS[config]
+    hp = step_hyper(rule, options)
+    kernels = get_backend(backend, dtype)
+    shapes = SIZE_CASES[size]
+    params = make_tensors(shapes, dtype, seed=70, device=DEVICE)
+    g_f, g_r = conflicting_pair(shapes, dtype, seed=71, device=DEVICE)
+    st = initial_state(rule, hp, params, dtype, seed=72)
+    got = kernels.update_terms(rule, params, g_f, g_r, st, hp).cpu()
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    kwargs = reference_rule_kwargs(rule, hp)
+    want, magnitude = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    for i, p in enumerate(params):
+        rs = ref.RuleState(step=int(st.step[i].item()))
+        for key in state_keys(st):
+            if key != "momentum_buffer" or rs.step > 0:
+                setattr(rs, key, flat64([getattr(st, key)[i]]))
+        p64, f64, r64 = flat64([p]), flat64([g_f[i]]), flat64([g_r[i]])
+        change = {(lam, c): -ref.first_order_retain_change(rule, p64, f64, r64, rs, lam, c, **kwargs)
+                  for lam, c in ((0.0, 0.0), (0.0, 1.0), (1.0, 1.0))}
+        size_of = {(lam, c): retain_change_magnitude(rule, p64, f64, r64, rs, lam, c, **kwargs) for lam, c in change}
+        want += torch.tensor([change[0.0, 0.0], change[0.0, 1.0] - change[0.0, 0.0],
+                              change[1.0, 1.0] - change[0.0, 1.0], float(p64 @ r64)], dtype=torch.float64)
+        magnitude += torch.tensor([size_of[0.0, 0.0], size_of[0.0, 1.0], size_of[1.0, 1.0],
+                                   float(p64.abs() @ r64.abs())], dtype=torch.float64)
+    # K: the fused step's float32 roundings (tests/fixtures.py) on every term; T0: a float64 dot product
+    n = sum(p.numel() for p in params)
+    bound = torch.cat([STEP_U32_ROUNDINGS * U32 * magnitude[:3], gramian_bound(n) * magnitude[3:]])
+    assert_within(got, want, bound, f"update terms {config} {backend} {dtype} {size}")
+
+    # the step with the uncorrected preconditioner: d = ca g_f + cb g_r, Adam's denominator from g_f
+    hp_update = dataclasses.replace(hp, uncorrected_preconditioner=True)
+    coef = torch.zeros(COEF_LEN, dtype=torch.float32)
+    coef[CA], coef[CB] = 0.8, 0.4
+    want_p = []
+    for i, p in enumerate(params):
+        rs = ref.RuleState(step=int(st.step[i].item()))
+        for key in state_keys(st):
+            if key != "momentum_buffer" or rs.step > 0:
+                setattr(rs, key, flat64([getattr(st, key)[i]]))
+        d = 0.8 * flat64([g_f[i]]) + 0.4 * flat64([g_r[i]])
+        want_p.append(ref.rule_step(rule, flat64([p]), d, rs, preconditioner_gradient=flat64([g_f[i]]), **kwargs))
+    kernels.step_(rule, params, g_f, g_r, st, coef.to(DEVICE), hp_update)
+    assert_close_rel(flat64(params), torch.cat(want_p), step_rtol(dtype), f"update-space step {config} {backend}",
+                     subnormal_spacing(dtype))
 
 
 # ---------------------------------------------------------------------------------- optimizer
