@@ -116,6 +116,16 @@ def test_step_implicit_adamw(benchmark, backend_name: str, dtype: torch.dtype) -
     benchmark(synced(lambda: backend.step_("adamw", params, wl.grads_f, None, state, coef, HYPER)))
 
 
+@backend_and_dtype
+def test_update_terms(benchmark, backend_name: str, dtype: torch.dtype) -> None:
+    """The reduction of update-space surgery (docs/design.md, Update-space surgery), where a backend has it."""
+    wl, backend = workload(dtype), dispatch.get_backend(backend_name, DEVICE, dtype)
+    if not getattr(backend, "update_space", False):
+        pytest.skip(f"backend {backend_name!r} has no update-space kernels (its steps go to the torch backend)")
+    params, state = [p.clone() for p in wl.params], fresh_state(wl)
+    benchmark(synced(lambda: backend.update_terms("adamw", params, wl.grads_f, wl.grads_r, state, HYPER)))
+
+
 @pytest.mark.parametrize("dtype", _dtype_params())
 def test_torch_fused_adamw(benchmark, dtype: torch.dtype) -> None:
     """The floor: torch's own fused AdamW kernel on the same tensors."""

@@ -160,6 +160,7 @@ def test_kernel_benchmarks_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
             for kernel in (bench_kernels.test_gramian, bench_kernels.test_coefficients, bench_kernels.test_combine,
                            bench_kernels.test_step_explicit_adamw, bench_kernels.test_step_implicit_adamw):
                 kernel(run_once, backend, torch.float32)
+        bench_kernels.test_update_terms(run_once, "torch", torch.float32)
         bench_kernels.test_torch_fused_adamw(run_once, torch.float32)
     finally:
         bench_kernels.workload.cache_clear()
