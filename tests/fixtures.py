@@ -69,12 +69,16 @@ UNAVAILABLE = {name: _unavailable_reason(name) for name in BACKEND_NAMES}
 INTERPRETED = {"triton": DEVICE.type == "cpu"}
 
 
-def backend_param(name: str, *values, id: str | None = None):  # noqa: A002 - pytest's keyword
-    """pytest.param for one backend's case, skipped only when the backend cannot run here."""
+def backend_param(name: str, *values, id: str | None = None, threads: int | None = None):  # noqa: A002
+    """pytest.param for one backend's case, skipped only when the backend cannot run here.
+
+    Intra-op threads: two for the compiled CPU kernels (their parallel split needs two to be
+    exercised), one otherwise (the interpreter and the torch ops on these sizes gain nothing from more
+    on a shared machine); ``threads`` overrides it."""
     reason = UNAVAILABLE[name]
-    # thread counts: the interpreter gains nothing from intra-op threads; the CPU kernels' parallel split
-    # needs two to be exercised
-    marks = [pytest.mark.threads(1 if INTERPRETED.get(name) or name == "torch" else 2)]
+    if threads is None:
+        threads = 1 if INTERPRETED.get(name) or name == "torch" else 2
+    marks = [pytest.mark.threads(threads)]
     marks += [pytest.mark.skip(reason=reason)] if reason else []
     return pytest.param(name, *values, id=id or name, marks=marks)
 

@@ -67,13 +67,14 @@ pytestmark = [
 ]
 
 
-def table(extra: dict[str, dict] | None = None, *, storage: bool = False, light=None) -> list:
+def table(extra: dict[str, dict] | None = None, *, storage: bool = False, light=None, thin=None) -> list:
     """The table's rows for one entry point: backend x storage dtype (x state dtype) x size x the entry
     point's own axes (``extra``: {axis: {id: value}}), only the combinations a backend takes by contract
     (only the torch backend takes float64); a backend that cannot run here is in the table, skipped.
 
-    ``light(values)``: for the Triton interpreter's many-tensor case (about a second each), the
-    combinations worth that cost; the small sizes run every combination."""
+    ``light(*values)``: for the Triton interpreter's many-tensor case (about a second each), the
+    combinations worth that cost; the small sizes run every combination. ``thin(name, *values)``: the
+    combinations of an axis whose kernel path does not depend on the others, for every backend."""
     extra = extra or {}
     rows = []
     for name in BACKEND_NAMES:
@@ -89,6 +90,8 @@ def table(extra: dict[str, dict] | None = None, *, storage: bool = False, light=
                         values = head + [v for _, v in combo]
                         heavy = INTERPRETED.get(name) and size == "many_small_plus_large"
                         if heavy and light is not None and not light(*values):
+                            continue
+                        if thin is not None and not thin(name, *values):
                             continue
                         rows.append(backend_param(name, *values, id="-".join([name] + head_id + [k for k, _ in combo])))
     return rows
@@ -350,7 +353,10 @@ def reference_step(rule: str, hp, params: list[Tensor], d: list[Tensor], st: Rul
 
 @pytest.mark.parametrize("backend, dtype, state_dtype, size, config, with_retain", table(
     {"config": {c: c for c in RULE_CONFIGS}, "retain": {"g_f_and_g_r": True, "g_f_only": False}}, storage=True,
-    light=lambda dtype, state_dtype, size, config, with_retain: with_retain and state_dtype == torch.float32))
+    light=lambda dtype, state_dtype, size, config, with_retain: with_retain and state_dtype == torch.float32,
+    # the launch without g_r: one small size (below a block) and the many-tensor case are its paths
+    thin=lambda name, dtype, state_dtype, size, config, with_retain: with_retain or size in (
+        ("seven",) if INTERPRETED.get(name) else ("seven", "many_small_plus_large"))))
 def test_step(backend, dtype, state_dtype, size, config, with_retain):
     """backend.step_ (d = ca g_f + cb g_r, then the base rule) against the reference, two launches in a row."""
     rule, options = RULE_CONFIGS[config]
@@ -523,10 +529,12 @@ def optimizer_rows() -> list:
     for name in BACKEND_NAMES:
         for surgery in SURGERY_NAMES:
             for config in RULE_CONFIGS:
-                rows.append(backend_param(name, surgery, config, "float32", id=f"{name}-{surgery}-{config}-float32"))
+                rows.append(backend_param(name, surgery, config, "float32", id=f"{name}-{surgery}-{config}-float32",
+                                          threads=1))
         for storage in list(OPTIMIZER_STORAGE)[1:]:  # narrow storage: one explicit and one implicit row per rule
             for surgery, config in (("ungrad", "adamw-decoupled"), ("none", "sgd-momentum")):
-                rows.append(backend_param(name, surgery, config, storage, id=f"{name}-{surgery}-{config}-{storage}"))
+                rows.append(backend_param(name, surgery, config, storage, id=f"{name}-{surgery}-{config}-{storage}",
+                                          threads=1))
     return rows
 
 
@@ -632,8 +640,10 @@ def trajectory_rows() -> list:
     for name in BACKEND_NAMES:
         if name == "torch":
             continue
-        rows += [backend_param(name, "explicit", config, id=f"{name}-explicit-{config}") for config in RULE_CONFIGS]
-        rows += [backend_param(name, "implicit", config, id=f"{name}-implicit-{config}")
+        # one row per kind of optimizer state (the other variants are rows of test_step and test_optimizer_step)
+        rows += [backend_param(name, "explicit", config, id=f"{name}-explicit-{config}", threads=1)
+                 for config in ("sgd-momentum", "sgd-nesterov", "adam-l2", "adamw-decoupled")]
+        rows += [backend_param(name, "implicit", config, id=f"{name}-implicit-{config}", threads=1)
                  for config in ("adamw-decoupled", "sgd-momentum")]
     return rows
 
