@@ -60,9 +60,13 @@ def prepare_implicit(wl: Workload, backend: str | None, settings: Settings, *, g
     params = wl.fresh_params()
     opt = _optimizer(backend, settings, params, mode="implicit", skip_nonfinite=guard)
     combined = [g for g in wl.grads_f]
+    # the losses the combined gradient came from, so that the step also does the dual update's work
+    device = params[0].device
+    forget_loss, retain_loss = torch.tensor(2.0, device=device), torch.tensor(1.5, device=device)
 
     def before() -> None:
         opt.zero_grad()
+        opt.combine(forget_loss, retain_loss)
         backward_into(params, combined)
 
     before()
