@@ -31,6 +31,7 @@ SAME_STEP = [
     ("adamw-fused", "eupmu-implicit", "eupmu-implicit-noguard"),
     ("naive", "composed", "composed-compiled", "eupmu-explicit", "eupmu-explicit-instep"),
     ("naive-clip", "naive-clip-fused", "eupmu-explicit-clip"),
+    ("eupmu-explicit-update",),  # its own step; compared with the torch backend's below
 ]
 
 
@@ -66,6 +67,10 @@ def test_every_method_takes_the_step_of_its_group(backend: str) -> None:
     surgery_moved = (after["eupmu-explicit"] - after["adamw-fused"]).abs().max()
     assert surgery_moved > 1e-4  # g_r conflicts with g_f, so the surgery changes the step
     assert set(after) == set(METHODS)
+    # update space: every backend takes the torch backend's step (the same lambda up to float32 rounding)
+    torch.testing.assert_close(after["eupmu-explicit-update"], one_step("eupmu-explicit-update", wl, "torch"),
+                               rtol=0, atol=1e-6)
+    assert (after["eupmu-explicit-update"] - after["eupmu-explicit"]).abs().max() > 0  # a different constraint
 
 
 def test_cli_writes_json_markdown_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
