@@ -262,7 +262,8 @@ EUPMU_HD void chunk_terms(const TermHyper& h, float step_before, const double* s
     const double bc1 = 1.0 - pow(h.beta1, (double)step_before + 1.0);
     const bool decoupled = h.rule == kRuleAdamw;
     const double wd_dec = decoupled ? h.weight_decay : 0.0, wd_l2 = decoupled ? 0.0 : h.weight_decay;
-    out[kTermK0] = h.lr * (wd_dec * s[kSumThetaR] + (h.beta1 * s[kSumState] + (1.0 - h.beta1) * wd_l2 * s[kSumThetaPR]) / bc1);
+    const double moments = h.beta1 * s[kSumState] + (1.0 - h.beta1) * wd_l2 * s[kSumThetaPR];
+    out[kTermK0] = h.lr * (wd_dec * s[kSumThetaR] + moments / bc1);
     const double scale = (1.0 - h.beta1) / bc1;
     out[kTermK1] = h.lr * scale * s[kSumFPR];
     out[kTermK2] = h.lr * scale * s[kSumRPR];

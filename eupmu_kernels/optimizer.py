@@ -523,10 +523,10 @@ class EUPMU(torch.optim.Optimizer):
         if self.surgery_space != "update" or _has_update_space(backend, bucket.device):
             return backend
         if self.backend != "auto":
+            others = " or ".join(f"backend={name!r}" for name in ("triton", "torch") if name != backend.name)
             raise NotImplementedError(
                 f"surgery_space='update' is not implemented by backend={backend.name!r} for {bucket.device.type} "
-                f"tensors (its update-space kernels are C++ CPU kernels only); use backend='triton' or "
-                f"backend='torch', or surgery_space='gradient'")
+                f"tensors; use {others} (or backend='auto'), or surgery_space='gradient'")
         for name in ("triton", "torch"):
             try:
                 candidate = dispatch.get_backend(name, bucket.device, bucket.dtype)

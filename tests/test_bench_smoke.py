@@ -163,3 +163,14 @@ def test_kernel_benchmarks_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_gpu_suite_script_parses() -> None:
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_violations_table_counts_gradient_space_violations_and_none_in_update_space(tmp_path: Path) -> None:
+    rc = cli.main(["violations", "--steps", "3", "--backends", "torch", "--dtypes", "float32", "--rules",
+                   "sgd-momentum,adamw", "--out", str(tmp_path)])
+    assert rc == 0
+    records = json.loads((tmp_path / "violations.json").read_text())["records"]
+    by_space = {(r["rule"], r["space"]): r["violations"] for r in records}
+    assert by_space[("sgd-momentum", "update")] == 0 and by_space[("adamw", "update")] == 0
+    assert by_space[("adamw", "gradient")] > 0  # what update space is for: Adam's moments raise L_r
+    assert "| adamw | update | torch | float32 | 3 | 0 |" in (tmp_path / "violations.md").read_text()

@@ -2,11 +2,11 @@
 
 Every pass is counted as the bytes it reads plus the bytes it writes (fp32 everywhere: fused
 AdamW 28, explicit surgery + AdamW with the Gramian in the step 40, or 32 when the backward
-hooks formed it, update-space surgery + AdamW 60, naive surgery >= 84). Work the hooks did during the backward passes is not part
-of the step: the iteration benchmark (``eupmu-bench iteration``) charges it where it falls. The
-count is the physical floor of the method as implemented, so bytes / time is the bandwidth the
-method achieves on its own work, and the ratio to the device's copy bandwidth says how close to
-memory speed it runs.
+hooks formed it, update-space surgery + AdamW 60, naive surgery >= 84). Work the hooks did during
+the backward passes is not part of the step: the iteration benchmark (``eupmu-bench iteration``)
+charges it where it falls. The count is the physical floor of the method as implemented, so
+bytes / time is the bandwidth the method achieves on its own work, and the ratio to the device's
+copy bandwidth says how close to memory speed it runs.
 """
 
 from __future__ import annotations

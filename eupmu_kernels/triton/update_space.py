@@ -220,7 +220,8 @@ def terms(table: TensorTable, rows: tuple[Tensor, Tensor, Tensor, Tensor, Tensor
             partials, n_blocks, float(hp.lr), float(hp.weight_decay), float(hp.momentum), float(hp.dampening),
             b1_hi, b1_lo, b2_hi, b2_lo, float(hp.beta2), float(1.0 - hp.beta2),
             float(hp.eps), float(hp.weight_decay), P_DTYPE=tl_dtype(param_dtype), S_DTYPE=tl_dtype(state_dtype),
-            RULE=RULE_CODE[rule], HAS_S1=has_s1, NESTEROV=bool(hp.nesterov), BITS=POWER_BITS, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            RULE=RULE_CODE[rule], HAS_S1=has_s1, NESTEROV=bool(hp.nesterov), BITS=POWER_BITS, BLOCK=BLOCK,
+            num_warps=NUM_WARPS)
     _finish_rows_kernel[(1,)](partials, out, n_blocks, ROWS=TERMS_LEN, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
     return out
 
