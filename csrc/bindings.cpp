@@ -23,8 +23,6 @@ void check_cpu(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "eupmu_kernels._C runs on CPU and CUDA tensors, got a tensor on ", t.device());
 }
 
-void check_update_space_device(const at::Tensor& t, bool update_space);
-
 at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool per_tensor) {
   TORCH_CHECK(!a.empty(), "gramian: the tensor list is empty");
 #if defined(EUPMU_WITH_CUDA)
@@ -84,29 +82,19 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
   req.nesterov = nesterov;
   req.uncorrected = uncorrected;
 #if defined(EUPMU_WITH_CUDA)
-  if (params[0].is_cuda()) {
-    check_update_space_device(params[0], uncorrected);
-    return cuda_ops::step(req, coef);
-  }
+  if (params[0].is_cuda()) return cuda_ops::step(req, coef);
 #endif
   check_cpu(params[0]);
   return cpu_ops::step(req, coef);
 }
 
-// Update-space surgery (docs/design.md): C++ CPU kernels only so far.
-void check_update_space_device(const at::Tensor& t, bool update_space) {
-  TORCH_CHECK(!update_space || t.device().is_cpu(), "surgery_space='update' is not implemented by the native "
-              "backend's CUDA kernels (C++ CPU kernels only); use backend='triton' or backend='torch'");
-}
-
+// Update-space surgery (docs/design.md): the reduction pass and the coefficient stage.
 pybind11::tuple update_terms(int64_t rule, const TensorList& params, const TensorList& grads_f,
                              const TensorList& grads_r, const TensorList& steps, const TensorList& exp_avg,
                              const TensorList& exp_avg_sq, const TensorList& momentum_buffer, double lr, double beta1,
                              double beta2, double eps, double weight_decay, double momentum, double dampening,
                              bool nesterov) {
   TORCH_CHECK(!params.empty(), "update_terms: params is empty");
-  check_update_space_device(params[0], true);
-  check_cpu(params[0]);
   UpdateRequest req;
   req.rule = static_cast<int>(rule);
   req.params = params;
@@ -129,14 +117,22 @@ pybind11::tuple update_terms(int64_t rule, const TensorList& params, const Tenso
   at::Tensor terms;
   {
     pybind11::gil_scoped_release release;
-    terms = cpu_ops::update_terms(req, &fallback);
+#if defined(EUPMU_WITH_CUDA)
+    if (params[0].is_cuda()) terms = cuda_ops::update_terms(req, &fallback);
+#endif
+    if (!terms.defined()) {
+      check_cpu(params[0]);
+      terms = cpu_ops::update_terms(req, &fallback);
+    }
   }
   return pybind11::make_tuple(terms, fallback);
 }
 
 at::Tensor update_space_coefficients(const at::Tensor& terms, double budget, std::optional<double> max_norm,
                                      const std::optional<at::Tensor>& found_inf) {
-  check_update_space_device(terms, true);
+#if defined(EUPMU_WITH_CUDA)
+  if (terms.is_cuda()) return cuda_ops::update_space_coefficients(terms, budget, max_norm, found_inf);
+#endif
   check_cpu(terms);
   return cpu_ops::update_space_coefficients(terms, budget, max_norm, found_inf);
 }
@@ -261,15 +257,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("beta2"), arg("eps"), arg("weight_decay"), arg("momentum"), arg("dampening"), arg("nesterov"),
         arg("uncorrected") = false,
         "fused combine + update in place; returns the indices it left to the caller (unsupported layouts); "
-        "uncorrected: Adam's denominator from g_f (update-space surgery, CPU tensors)");
+        "uncorrected: Adam's denominator from g_f (update-space surgery)");
   m.def("update_terms", &eupmu::update_terms, arg("rule"), arg("params"), arg("grads_f"), arg("grads_r"),
         arg("steps"), arg("exp_avg"), arg("exp_avg_sq"), arg("momentum_buffer"), arg("lr"), arg("beta1"),
         arg("beta2"), arg("eps"), arg("weight_decay"), arg("momentum"), arg("dampening"), arg("nesterov"),
         "update-space surgery: (float64[7] Gramian and terms K0, K1, K2, T0 in one pass, indices left to the "
-        "caller); CPU tensors");
+        "caller)");
   m.def("update_space_coefficients", &eupmu::update_space_coefficients, nogil, arg("terms"), arg("budget"),
         arg("max_norm") = py::none(), arg("found_inf") = py::none(),
-        "update-space surgery: the float32[8] coefficient vector from the float64[7] terms (CPU)");
+        "update-space surgery: the float32[8] coefficient vector from the float64[7] terms, on their device");
 
   m.def("has_cuda_kernels", []() { return eupmu::kWithCuda; },
         "whether this build compiled in the CUDA kernels (else CUDA tensors are refused)");

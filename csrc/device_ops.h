@@ -40,6 +40,9 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
+at::Tensor update_terms(const UpdateRequest& req, std::vector<int64_t>* fallback);
+at::Tensor update_space_coefficients(const at::Tensor& terms, double budget, std::optional<double> max_norm,
+                                     const std::optional<at::Tensor>& found_inf);
 }  // namespace cuda_ops
 
 }  // namespace eupmu

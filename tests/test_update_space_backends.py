@@ -87,14 +87,15 @@ def random_problem(key: str, sizes: list[int], dtype: torch.dtype, seed: int, st
     return tensors
 
 
-def step_on(backend: str, key: str, tensors, steps: int, tolerance: float, **extra):
+def step_on(backend: str, key: str, tensors, steps: int, tolerance: float, device: str = "cpu", **extra):
     """One EUPMU update-space step on ``backend`` from the given state; returns the parameters and the optimizer."""
+    tensors = [{name: t.to(device) for name, t in entry.items()} for entry in tensors]
     params = [torch.nn.Parameter(t["theta"].clone()) for t in tensors]
     opt = EUPMU(params, mode="explicit", surgery_space="update", tolerance=tolerance, backend=backend,
                 **RULES[key], **extra)
     for p, t in zip(params, tensors):
         if steps:
-            opt.state[p]["step"] = torch.tensor(float(steps))
+            opt.state[p]["step"] = torch.tensor(float(steps), device=device)
             for name in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                 if name in t:
                     opt.state[p][name] = t[name].clone()
@@ -202,6 +203,28 @@ def test_first_order_retain_change_stays_within_the_budget_on_every_backend(key,
         rounding = float((spacing(after, torch.float32) + F32_MATH * ((after - theta).abs() + theta.abs() * lr))
                          @ g_r.abs())
         assert change <= lr * tolerance + rounding, backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("key", list(RULES))
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_update_space_on_cuda_takes_the_torch_backends_step(backend, key, dtype):
+    """The compiled CUDA kernels and the Triton kernels on a GPU against the torch backend there."""
+    if backend == "native" and not (HAVE_NATIVE and NativeBackend().supports(torch.device("cuda"), dtype)):
+        pytest.skip("the extension has no CUDA kernels")
+    tensors = random_problem(key, SIZES["many_small_plus_large"], dtype, 3, 3, 2.0)
+    params, opt = step_on(backend, key, tensors, 3, 0.0, device="cuda")
+    twins, twin = step_on("torch", key, tensors, 3, 0.0, device="cuda")
+    assert opt.stats()["lambda"].item() == pytest.approx(twin.stats()["lambda"].item(), rel=2e-5)
+    theta = flat64(t["theta"] for t in tensors)
+    ours, theirs = flat64(params).cpu(), flat64(twins).cpu()
+    bound = 2 * spacing(theirs, dtype) + F32_MATH * ((theirs - theta).abs() + (theirs - theta).abs().max())
+    assert torch.all((ours - theirs).abs() <= bound)
+    g_r = flat64(t["g_r"] for t in tensors)
+    change = float((ours - theta) @ g_r)
+    lr = RULES[key]["lr"]
+    assert change <= float((spacing(ours, dtype) + F32_MATH * ((ours - theta).abs() + theta.abs() * lr)) @ g_r.abs())
 
 
 # ------------------------------------------------------------------------------ the two stages

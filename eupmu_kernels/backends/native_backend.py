@@ -74,8 +74,9 @@ class NativeBackend:
         return device.type == "cpu"
 
     def supports_update_space(self, device: torch.device) -> bool:
-        """Update-space surgery (docs/design.md) has C++ CPU kernels; the CUDA kernels lack it so far."""
-        return device.type == "cpu"
+        """Update-space surgery (docs/design.md): C++ CPU kernels, and CUDA kernels where built."""
+        ext = load_extension()
+        return ext is not None and (device.type == "cpu" or bool(ext.has_cuda_kernels()))
 
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
         # Per-tensor float64 totals, then the fixed-order column sum of eupmu_kernels.reductions:
