@@ -389,10 +389,12 @@ QUICK = {
     "_combine_kernel": lambda f: f["HAS_R"] and _dtype_name(f["G_DTYPE"]) == "fp16",
     "_sgd_kernel": lambda f: f["HAS_R"] and f["HAS_MOMENTUM"] and _dtype_name(f["P_DTYPE"]) == "bf16"
     and _dtype_name(f["S_DTYPE"]) == "fp32",
-    "_adam_kernel": lambda f: f["HAS_R"] and f["DECOUPLED"] and _dtype_name(f["P_DTYPE"]) == _dtype_name(f["S_DTYPE"]),
-    "_terms_blocks_kernel": lambda f: (f["RULE"] == _rule_code("adam") and _dtype_name(f["S_DTYPE"]) == "fp32")
-    or (f["RULE"] == _rule_code("sgd") and f["HAS_S1"] and not f["NESTEROV"] and _dtype_name(f["P_DTYPE"]) == "bf16"
-        and _dtype_name(f["S_DTYPE"]) == "fp32"),
+    "_adam_kernel": lambda f: f["HAS_R"] and f["DECOUPLED"] and _dtype_name(f["P_DTYPE"]) == _dtype_name(f["S_DTYPE"])
+    and f["UNCORRECTED"] == (_dtype_name(f["P_DTYPE"]) == "bf16"),
+    "_terms_blocks_kernel": lambda f: _dtype_name(f["S_DTYPE"]) == "fp32" and (
+        (f["RULE"] == _rule_code("adam") and _dtype_name(f["P_DTYPE"]) == "bf16")
+        or (f["RULE"] == _rule_code("sgd") and f["HAS_S1"] and not f["NESTEROV"]
+            and _dtype_name(f["P_DTYPE"]) == "fp32")),
     "_update_space_coefficients_kernel": lambda f: f["HAS_FOUND_INF"] and f["HAS_CLIP"],
 }
 
@@ -479,7 +481,8 @@ def _kernel_and_template_args(demangled: str) -> tuple[str, str]:
 
 
 CUDA_THREADS = {"gram_chunks_kernel": 512, "gram_cleanup_kernel": 256, "coefficients_kernel": 1,
-                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 64}
+                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 64,
+                "terms_chunks_kernel": 512, "terms_cleanup_kernel": 256, "update_space_coefficients_kernel": 1}
 
 
 def _cuda_expected_v4(kernel: str, spec: str) -> tuple[int | None, int | None]:
