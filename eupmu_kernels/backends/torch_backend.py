@@ -128,13 +128,15 @@ def _sgd_terms(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, state: RuleStateL
     theta, f, r = _f64(p), _f64(g_f), _f64(g_r)
     first = state.step[i] == 0
     one = torch.ones((), dtype=torch.float64, device=p.device)
+    zero = torch.zeros_like(one)
     mu = hp.momentum
+    # float64 branches: torch.where of two Python floats would make a float32 tensor
     if mu == 0:
-        s_b, s_d = 0.0 * one, one
+        s_b, s_d = zero, one
     elif hp.nesterov:  # D = (1 + mu) d_total + mu^2 b
-        s_b, s_d = torch.where(first, 0.0, mu) * one, (1.0 + mu) * one
+        s_b, s_d = torch.where(first, zero, one * mu), (1.0 + mu) * one
     else:  # D = mu b + (1 - dampening) d_total, the first step D = d_total
-        s_b, s_d = torch.where(first, 0.0, 1.0) * one, torch.where(first, 1.0, 1.0 - hp.dampening) * one
+        s_b, s_d = torch.where(first, zero, one), torch.where(first, one, one * (1.0 - hp.dampening))
     theta_r = _dot64(theta, r)
     buf_r = _dot64(_f64(state.momentum_buffer[i]), r) if mu != 0 else 0.0 * one
     ff, fr, rr = _dot64(f, f), _dot64(f, r), _dot64(r, r)

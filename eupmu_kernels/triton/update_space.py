@@ -157,16 +157,18 @@ def _terms_blocks_kernel(addr_p, addr_f, addr_r, addr_s1, addr_s2, numels, block
     # the tensor's factors, float64 (the torch backend's formulas, docs/design.md table)
     if RULE == RULE_SGD:
         first = step == 0.0
-        one = pr * 0.0 + 1.0
+        # float64 on both sides of every select (a bare float literal would make it float32)
+        zero = pr * 0.0
+        one = zero + 1.0
         if HAS_S1:
             if NESTEROV:  # D = (1 + mu) d_total + mu^2 b
-                s_b = tl.where(first, 0.0, momentum) * one
-                s_d = (1.0 + momentum) * one
+                s_b = tl.where(first, zero, zero + momentum)
+                s_d = one + momentum
             else:  # D = mu b + (1 - dampening) d_total; the first step D = d_total
-                s_b = tl.where(first, 0.0, 1.0) * one
-                s_d = tl.where(first, 1.0, 1.0 - dampening) * one
+                s_b = tl.where(first, zero, one)
+                s_d = tl.where(first, one, one - dampening)
         else:
-            s_b = one * 0.0
+            s_b = zero
             s_d = one
         k0 = lr * (s_b * momentum * sr + s_d * weight_decay * pr)
         k1 = lr * s_d * fr
