@@ -113,6 +113,10 @@ class KernelBackend(Protocol):
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """True when this backend can run on tensors of this device and storage dtype."""
 
+    def supports_update_space(self, device: torch.device) -> bool:
+        """True when ``update_terms``, ``update_space_coefficients`` and the uncorrected-preconditioner
+        step run on tensors of this device (docs/design.md, Update-space surgery)."""
+
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
         """float64[3] (<a,a>, <a,b>, <b,b>) over all pairs; (<a,a>, 0, 0) when b is None.
 
