@@ -3,6 +3,7 @@
     eupmu-bench [step] [options]       the optimizer step alone, on model-shaped tensors (default)
     eupmu-bench iteration [options]    whole iterations with real autograd on a causal LM
     eupmu-bench scale [options]        a ~1e9-parameter Llama: time, peak memory, largest model that fits, FSDP2
+    eupmu-bench violations [options]   steps whose first-order retain change exceeds the budget, per surgery space
 
 ``step`` prints a table and writes ``results.json``, ``results.md`` and ``step_time.png`` into
 ``--out``; ``iteration`` writes ``iteration.json`` and ``iteration.md``; ``scale`` writes
@@ -370,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return iteration_main(argv[1:])
     if argv and argv[0] == "scale":
         return scale_main(argv[1:])
+    if argv and argv[0] == "violations":
+        from .violations import main as violations_main
+
+        return violations_main(argv[1:])
     if argv and argv[0] == "step":
         argv = argv[1:]
     parser = build_parser()
