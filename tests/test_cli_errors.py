@@ -46,7 +46,7 @@ def work(monkeypatch) -> list[str]:
 
     for module, name in ((runner, "run_benchmark"), (runner, "prepare_seed"), (runner, "load_dataset"),
                          (sweep_module, "sweep"), (sweep_module, "prepare_seed"), (sweep_module, "store_entry"),
-                         (llm_pipeline, "run_pipeline"), (llm_model, "load_smollm2")):
+                         (llm_pipeline, "run_pipeline"), (llm_pipeline, "run_seeds"), (llm_model, "load_smollm2")):
         monkeypatch.setattr(module, name, stub(f"{module.__name__}.{name}"))
     try:
         from eupmu_bench import cli as bench_cli
@@ -297,6 +297,11 @@ LLM_CASES = {
     "unknown dual rule": (["--dual", "famo"], "--dual", "invalid choice"),
     "random labels on text": (["--methods", "ga,rl"], "--methods", "unknown method 'rl'"),
     "method twice": (["--methods", "eupmu,eupmu-reference"], "--methods", "twice"),
+    "unknown split": (["--split", "dev"], "--split", "unknown split 'dev'; choose from test, validation"),
+    "unknown model": (["--model", "gpt"], "--model", "unknown model 'gpt'; choose from smollm2, tiny"),
+    "seed and seeds": (["--seed", "1", "--seeds", "0,1"], "--seeds", "either --seed or --seeds"),
+    "repeated seeds": (["--seeds", "0,1,0"], "--seeds", "repeats '0'"),
+    "empty seed in list": (["--seeds", "0,,1"], "--seeds", "empty element"),
 }
 
 
