@@ -227,7 +227,7 @@ def test_seeds_aggregate_to_mean_and_std():
             split = {"probability": 0.5, "rouge_l": 0.5, "key_hit_rate": 0.5}
             return {"metrics": {"forget_quality": q, "model_utility": u, "forget": split, "retain": split,
                                 "world": split}, "unlearn": {} if seconds is None else {"seconds": seconds}}
-        return {"environment": {"model": "tiny", "parameters": 1000, "device": "cpu", "threads": 1},
+        return {"environment": {"model": "tiny-llama-x", "parameters": 1000, "device": "cpu", "threads": 1},
                 "data": {"n_forget": 10, "n_retain": 90}, "config": {"seed": seed},
                 "models": {"target": entry(0.01, target_utility), "ga": entry(fq, utility, 1.0)}}
 
@@ -333,6 +333,17 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, codec, data):
     for split in ("forget", "retain", "world"):
         assert again["models"]["target"]["metrics"][split]["truth_ratios"] == pytest.approx(
             record["models"]["target"]["metrics"][split]["truth_ratios"], rel=1e-4)
+
+
+def test_cli_values_win_over_tuned_ones(monkeypatch):
+    from eupmu_unlearn.llm import pipeline
+
+    monkeypatch.setattr(pipeline, "tuned_tiny", lambda: {"eupmu": {"lr": 3e-4, "dual_lr": 0.1}, "ga": {"lr": 1e-4}})
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--model", "tiny", "--dual-lr", "1"]))
+    assert cfg.unlearn.per_method == {"eupmu": {"lr": 3e-4}, "ga": {"lr": 1e-4}}
+    assert cfg.unlearn.for_method("eupmu").dual_lr == 1.0 and cfg.unlearn.for_method("eupmu").lr == 3e-4
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--model", "tiny", "--lr", "1e-3"]))
+    assert cfg.unlearn.per_method == {"eupmu": {"dual_lr": 0.1}} and cfg.unlearn.for_method("ga").lr == 1e-3
 
 
 def test_cli_config_from_arguments():

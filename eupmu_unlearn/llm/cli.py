@@ -35,7 +35,9 @@ def methods_epilog() -> str:
     return (f"methods ('eupmu' is eupmu-reference, or the preset --dual names):\n"
             f"{methods.describe(SUPPORTED, DEFAULT_FORGET_LOSS)}\n"
             f"UNGrad in update space (the constraint on the update AdamW applies): {', '.join(UPDATE_SPACE_METHODS)}\n"
-            f"through the Hugging Face Trainer integration: {', '.join(TRAINER_METHODS)}")
+            f"through the Hugging Face Trainer integration: {', '.join(TRAINER_METHODS)}\n"
+            f"--model tiny runs each method with its values chosen on the validation split; --lr, --steps, "
+            f"--tolerance and --dual-lr, when given, win over them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +120,10 @@ def config_from_args(args: argparse.Namespace):
     unlearn_changes = {k: v for k, v in {
         "steps": args.steps, "lr": args.lr, "eupmu_forget_loss": args.eupmu_forget_loss,
         "tolerance": args.tolerance, "dual": args.dual, "dual_lr": args.dual_lr}.items() if v is not None}
+    # a value given on the command line wins over the methods' own (tuned) values
+    per_method = {name: {k: v for k, v in own.items() if k not in unlearn_changes}
+                  for name, own in cfg.unlearn.per_method.items()}
+    unlearn_changes["per_method"] = {name: own for name, own in per_method.items() if own}
     changes: dict = {"unlearn": dataclasses.replace(cfg.unlearn, **unlearn_changes)}
     if args.epochs is not None:
         changes["finetune"] = dataclasses.replace(cfg.finetune, epochs=args.epochs)

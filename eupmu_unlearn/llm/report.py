@@ -177,10 +177,17 @@ def aggregate_table(record: dict[str, Any]) -> str:
     lines.append(f"Mean ± standard deviation (n − 1) over seeds {seeds} (data, fine-tuning and unlearning), "
                  f"{cfg['split']} split; {data['n_forget']} forget / {data['n_retain']} retain questions per seed; "
                  f"unlearning: AdamW, {un['steps']} steps at lr {un['lr']:g} unless a method's own values say "
-                 f"otherwise ({_per_method_note(un)}); EUPMU forget loss {un['eupmu_forget_loss']}; {env['model']} "
+                 f"otherwise ({_per_method_note(un)}); EUPMU forget loss {un['eupmu_forget_loss']}; {_model_name(record)} "
                  f"({env['parameters'] / 1e6:.2f}M parameters) on {env['device']} with {env['threads']} threads; "
                  f"whole run {record['total_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
+
+
+def _model_name(record: dict[str, Any]) -> str:
+    cfg = record["config"]
+    if cfg.get("model") == "tiny":
+        return f"tiny Llama (hidden {cfg['tiny']['hidden_size']}, {cfg['tiny']['layers']} layers, word-level codec)"
+    return record["environment"]["model"]
 
 
 def _per_method_note(unlearn: dict[str, Any]) -> str:
@@ -210,7 +217,7 @@ def aggregate_plot(record: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("model utility (higher is better)")
     ax.set_ylabel("forget quality, KS p-value (higher is better)")
     seeds = ", ".join(str(s) for s in record["seeds"])
-    ax.set_title(f"mini-TOFU, {record['environment']['model']}: mean ± std over seeds {seeds}", fontsize=9)
+    ax.set_title(f"mini-TOFU, {_model_name(record)}: mean ± std over seeds {seeds}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
