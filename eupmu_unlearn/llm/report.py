@@ -232,3 +232,56 @@ def write_aggregate(record: dict[str, Any], out_dir: Path) -> None:
     write_text_atomic(out_dir / "table.md", aggregate_table(record))
     with atomic_path(out_dir / "tradeoff.png") as tmp:
         aggregate_plot(record, tmp)
+
+
+def multiplier_plot(runs: dict[str, dict[str, Any]], method: str, path: Path) -> None:
+    """w and the forget loss per step of ``method`` in several-seed records (label -> record), one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_w, ax_f) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, record) in enumerate(runs.items()):
+        for j, (seed, traces) in enumerate(record["traces"].items()):
+            trace = traces.get(method)
+            if trace is None:
+                raise ValueError(f"{label!r} has no trace of method {method!r}")
+            steps = range(1, len(trace["multiplier"]) + 1)
+            kw = dict(color=colours[i % len(colours)], alpha=0.8, label=label if j == 0 else None)
+            ax_w.plot(steps, trace["multiplier"], marker=".", **kw)
+            ax_f.plot(steps, trace["forget_loss"], marker=".", **kw)
+    ax_w.set_yscale("symlog", linthresh=1e-2)
+    ax_w.set_xlabel("step")
+    ax_w.set_ylabel("multiplier w after the step")
+    ax_f.set_xlabel("step")
+    ax_f.set_ylabel("forget loss (NPO) at the step")
+    for ax in (ax_w, ax_f):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{method}: multiplier and forget loss per step, one line per seed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m eupmu_unlearn.llm.report OUT.png METHOD LABEL=RESULTS.json ...``: the multiplier plot."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 3 or any("=" not in a for a in args[2:]):
+        print("usage: python -m eupmu_unlearn.llm.report OUT.png METHOD LABEL=RESULTS.json [LABEL=RESULTS.json ...]")
+        return 2
+    runs = {}
+    for item in args[2:]:
+        label, file = item.split("=", 1)
+        runs[label] = json.loads(Path(file).read_text())
+    with atomic_path(Path(args[0])) as tmp:
+        multiplier_plot(runs, args[1], tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
