@@ -217,6 +217,9 @@ def test_per_method_values_apply_to_their_method_only():
     cfg = UnlearnConfig(lr=1e-3, per_method={"eupmu": {"dual_lr": 0.1, "lr": 3e-4}})
     assert cfg.for_method("eupmu").dual_lr == 0.1 and cfg.for_method("eupmu").lr == 3e-4
     assert cfg.for_method("ga") is cfg
+    # "eupmu" stands for the --dual preset and takes that preset's values
+    paper = UnlearnConfig(dual="paper", per_method={"eupmu-paper": {"dual_lr": 0.5}})
+    assert paper.for_method("eupmu").dual_lr == 0.5 and paper.for_method("eupmu-reference") is paper
     with pytest.raises(ValueError, match="unknown unlearning options"):
         UnlearnConfig(per_method={"ga": {"learning_rate": 1.0}}).for_method("ga")
 

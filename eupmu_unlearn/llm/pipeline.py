@@ -92,6 +92,9 @@ def check_model(model: str) -> str:
 
 
 TINY_UNLEARN = dict(steps=20, lr=3e-4)  # the shared defaults; methods' own values: tuned_tiny()
+# both dual presets of the implicit mode, and UNGrad in both surgery spaces
+TINY_METHODS = ("ga", "graddiff", "npo", "npo-graddiff", "simnpo", "eupmu-reference", "eupmu-paper", "ungrad",
+                "ungrad-update")
 
 
 def tuned_tiny() -> dict[str, dict[str, Any]]:
@@ -108,7 +111,7 @@ def tuned_tiny() -> dict[str, dict[str, Any]]:
 def tiny_config(seed: int = 0) -> PipelineConfig:
     """The tiny offline Llama on the full-sized mini-TOFU task (20 authors, 2 forgotten)."""
     return PipelineConfig(
-        seed=seed, model="tiny", n_rehearsal=0, max_new_tokens=24,
+        seed=seed, model="tiny", n_rehearsal=0, max_new_tokens=24, methods=TINY_METHODS,
         finetune=FinetuneConfig(epochs=40, batch_size=8, lr=3e-3, warmup_steps=10, seed=seed),
         unlearn=UnlearnConfig(seed=seed, **TINY_UNLEARN, per_method=tuned_tiny()))
 

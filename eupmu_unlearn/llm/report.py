@@ -234,8 +234,8 @@ def write_aggregate(record: dict[str, Any], out_dir: Path) -> None:
         aggregate_plot(record, tmp)
 
 
-def multiplier_plot(runs: dict[str, dict[str, Any]], method: str, path: Path) -> None:
-    """w and the forget loss per step of ``method`` in several-seed records (label -> record), one line per seed."""
+def multiplier_plot(runs: dict[str, tuple[dict[str, Any], str]], path: Path) -> None:
+    """w and the forget loss per step in several-seed records (label -> (record, method)), one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +243,7 @@ def multiplier_plot(runs: dict[str, dict[str, Any]], method: str, path: Path) ->
 
     fig, (ax_w, ax_f) = plt.subplots(1, 2, figsize=(10, 3.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, record) in enumerate(runs.items()):
+    for i, (label, (record, method)) in enumerate(runs.items()):
         for j, (seed, traces) in enumerate(record["traces"].items()):
             trace = traces.get(method)
             if trace is None:
@@ -260,26 +260,27 @@ def multiplier_plot(runs: dict[str, dict[str, Any]], method: str, path: Path) ->
     for ax in (ax_w, ax_f):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{method}: multiplier and forget loss per step, one line per seed", fontsize=10)
+    fig.suptitle("implicit EUPMU: multiplier and forget loss per step, one line per seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m eupmu_unlearn.llm.report OUT.png METHOD LABEL=RESULTS.json ...``: the multiplier plot."""
+    """``python -m eupmu_unlearn.llm.report OUT.png LABEL=RESULTS.json:METHOD ...``: the multiplier plot."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 3 or any("=" not in a for a in args[2:]):
-        print("usage: python -m eupmu_unlearn.llm.report OUT.png METHOD LABEL=RESULTS.json [LABEL=RESULTS.json ...]")
+    if len(args) < 2 or any("=" not in a or ":" not in a for a in args[1:]):
+        print("usage: python -m eupmu_unlearn.llm.report OUT.png LABEL=RESULTS.json:METHOD [...]")
         return 2
     runs = {}
-    for item in args[2:]:
-        label, file = item.split("=", 1)
-        runs[label] = json.loads(Path(file).read_text())
+    for item in args[1:]:
+        label, rest = item.split("=", 1)
+        file, method = rest.rsplit(":", 1)
+        runs[label] = (json.loads(Path(file).read_text()), method)
     with atomic_path(Path(args[0])) as tmp:
-        multiplier_plot(runs, args[1], tmp)
+        multiplier_plot(runs, tmp)
     return 0
 
 

@@ -146,7 +146,11 @@ class UnlearnConfig:
 
     def for_method(self, name: str) -> "UnlearnConfig":
         """This configuration with the values ``per_method`` holds for method ``name`` (a pipeline name)."""
-        own = self.per_method.get(name, {})
+        own = self.per_method.get(name)
+        if own is None:  # "eupmu" stands for the --dual preset, whose values are under its own name
+            base, space = split_space(name)
+            canonical = methods.resolve(base, self.dual).name if base in methods.names() else base
+            own = self.per_method.get(canonical + (UPDATE_SPACE_SUFFIX if space == "update" else ""), {})
         unknown = sorted(set(own) - {f.name for f in dataclasses.fields(self)} - {"per_method"})
         if unknown:
             raise ValueError(f"per_method[{name!r}] sets unknown unlearning options {unknown}")

@@ -44,7 +44,8 @@ GRID: dict[str, dict[str, tuple[Any, ...]]] = {
     "npo": {},
     "npo-graddiff": {"graddiff_alpha": (1.0, 3.0)},
     "simnpo": {"graddiff_alpha": (1.0, 3.0), "simnpo_beta": (2.5,)},
-    "eupmu": {"dual_lr": (0.01, 0.03, 0.1, 0.3, 1.0)},
+    "eupmu-reference": {"dual_lr": (0.01, 0.03, 0.1, 0.3, 1.0)},
+    "eupmu-paper": {"dual_lr": (0.01, 0.1, 1.0)},
     "ungrad": {"tolerance": (0.0, 0.1)},
     "ungrad-update": {"tolerance": (0.0, 0.1)},
 }
@@ -134,6 +135,17 @@ def search(methods: Sequence[str], seeds: Sequence[int], cache_dir: Path,
     return out
 
 
+def merge_into(path: Path, result: dict[str, Any]) -> None:
+    """Keep the other methods of an earlier search on the same seeds (a search may cover a few methods)."""
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    if earlier.get("seeds") != result["seeds"]:
+        return
+    for key in ("points", "per_method"):
+        result[key] = {**{k: v for k, v in earlier[key].items() if k not in result[key]}, **result[key]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli_args.Parser(prog="python -m eupmu_unlearn.llm.tuning", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     force_offline()
     result = search(args.methods, args.seeds, args.cache_dir or default_cache_dir(),
                     progress=lambda m: print(m, flush=True))
+    merge_into(args.out / "validation.json", result)
     cli_args.write_text_atomic(args.out / "validation.json", json.dumps(result, indent=2) + "\n")
     cli_args.write_text_atomic(args.out / "llm_tiny_tuned.json",
                                json.dumps({"split": "validation", "seeds": list(args.seeds),
