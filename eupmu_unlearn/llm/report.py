@@ -122,8 +122,10 @@ def mean_std(values: list[float]) -> dict[str, Any]:
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not finite:
         return {"mean": None, "std": None, "values": list(values)}
-    mean = sum(finite) / len(finite)
-    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1) if len(finite) > 1 else 0.0
+    mean = math.fsum(finite) / len(finite)
+    if len(finite) == 1 or all(v == finite[0] for v in finite):
+        return {"mean": finite[0] if len(set(finite)) == 1 else mean, "std": 0.0, "values": list(values)}
+    var = math.fsum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
     return {"mean": mean, "std": math.sqrt(var), "values": list(values)}
 
 
@@ -177,10 +179,15 @@ def aggregate_table(record: dict[str, Any]) -> str:
     lines.append(f"Mean ± standard deviation (n − 1) over seeds {seeds} (data, fine-tuning and unlearning), "
                  f"{cfg['split']} split; {data['n_forget']} forget / {data['n_retain']} retain questions per seed; "
                  f"unlearning: AdamW, {un['steps']} steps at lr {un['lr']:g} unless a method's own values say "
-                 f"otherwise ({_per_method_note(un)}); EUPMU forget loss {un['eupmu_forget_loss']}; {_model_name(record)} "
+                 f"otherwise ({_per_method_note(un, record['summary'])}){_dual_note(un)}; EUPMU forget loss "
+                 f"{un['eupmu_forget_loss']}; {_model_name(record)} "
                  f"({env['parameters'] / 1e6:.2f}M parameters) on {env['device']} with {env['threads']} threads; "
                  f"whole run {record['total_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
+
+
+def _dual_note(unlearn: dict[str, Any]) -> str:
+    return "" if unlearn.get("dual_lr") is None else f"; dual_lr {unlearn['dual_lr']:g} for every implicit method"
 
 
 def _model_name(record: dict[str, Any]) -> str:
@@ -190,8 +197,9 @@ def _model_name(record: dict[str, Any]) -> str:
     return record["environment"]["model"]
 
 
-def _per_method_note(unlearn: dict[str, Any]) -> str:
-    own = unlearn.get("per_method") or {}
+def _per_method_note(unlearn: dict[str, Any], shown: Any = None) -> str:
+    own = {name: values for name, values in (unlearn.get("per_method") or {}).items()
+           if shown is None or name in shown}
     if not own:
         return "none"
     return "; ".join(f"{name}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
