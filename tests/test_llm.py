@@ -248,6 +248,19 @@ def test_seeds_aggregate_to_mean_and_std():
     assert mean_std([None, float("nan")])["mean"] is None
 
 
+def test_validation_rule_picks_the_most_forgetting_within_the_utility_bound():
+    from eupmu_unlearn.llm.tuning import points, select
+
+    rows = [{"options": "a", "forget_quality": 0.9, "model_utility": 0.60},   # forgets most, too costly
+            {"options": "b", "forget_quality": 0.4, "model_utility": 0.635},  # within 0.01 of 0.64
+            {"options": "c", "forget_quality": 0.4, "model_utility": 0.645},  # same quality, more utility
+            {"options": "d", "forget_quality": 0.1, "model_utility": 0.66}]
+    assert select(rows, target_utility=0.64)["options"] == "c"
+    assert select(rows[:1], target_utility=0.64)["options"] == "a"  # nothing within: the highest utility
+    assert select(rows, target_utility=0.70)["options"] == "d"
+    assert {"lr", "dual_lr"} <= set(points("eupmu-paper")[0]) and len(points("ga")) == 3
+
+
 def test_text_runs_every_method_but_random_labels():
     assert "rl" not in [m.name for m in SUPPORTED] and len(SUPPORTED) == len(METHODS_REGISTRY) - 1
     with pytest.raises(ValueError, match="class labels"):
