@@ -222,6 +222,11 @@ def aggregate_plot(record: dict[str, Any], path: Path) -> None:
             dict(marker=markers[i % len(markers)], markersize=7, alpha=0.85)
         ax.errorbar(u["mean"], q["mean"], xerr=u["std"], yerr=q["std"], linestyle="none", capsize=3,
                     label=name, **style)
+        if name in REFERENCE_ROWS:
+            ax.annotate(name, (u["mean"], q["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    target = record["summary"].get("target", {}).get("model_utility", {}).get("mean")
+    if target is not None:
+        ax.axvline(target - 0.01, color="grey", linestyle="--", linewidth=1, label="target utility − 0.01")
     ax.set_xlabel("model utility (higher is better)")
     ax.set_ylabel("forget quality, KS p-value (higher is better)")
     seeds = ", ".join(str(s) for s in record["seeds"])
