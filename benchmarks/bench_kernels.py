@@ -13,6 +13,7 @@ set (and then times the interpreter, not a kernel).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from functools import lru_cache
 from typing import Callable
@@ -120,10 +121,11 @@ def test_step_implicit_adamw(benchmark, backend_name: str, dtype: torch.dtype) -
 def test_update_terms(benchmark, backend_name: str, dtype: torch.dtype) -> None:
     """The reduction of update-space surgery (docs/design.md, Update-space surgery), where a backend has it."""
     wl, backend = workload(dtype), dispatch.get_backend(backend_name, DEVICE, dtype)
-    if not getattr(backend, "update_space", False):
-        pytest.skip(f"backend {backend_name!r} has no update-space kernels (its steps go to the torch backend)")
+    if not backend.supports_update_space(DEVICE):
+        pytest.skip(f"backend {backend_name!r} has no update-space kernels here (its steps go to the torch backend)")
     params, state = [p.clone() for p in wl.params], fresh_state(wl)
-    benchmark(synced(lambda: backend.update_terms("adamw", params, wl.grads_f, wl.grads_r, state, HYPER)))
+    hp = dataclasses.replace(HYPER, uncorrected_preconditioner=True)
+    benchmark(synced(lambda: backend.update_terms("adamw", params, wl.grads_f, wl.grads_r, state, hp)))
 
 
 @pytest.mark.parametrize("dtype", _dtype_params())

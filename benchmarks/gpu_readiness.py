@@ -53,7 +53,7 @@ SM_LIMITS = {
 SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KiB of shared memory per block from sm_80 on
 
 # constexpr arguments that never vary between launches: left out of the specialisation name
-FIXED_CONSTEXPRS = {"BLOCK", "BITS", "LANES", "CLIP_EPS"}
+FIXED_CONSTEXPRS = {"BLOCK", "BITS", "LANES", "CLIP_EPS", "ROWS", "ITERATIONS"}
 
 
 @dataclass
@@ -164,6 +164,8 @@ def with_occupancy(row: Row, arch: int) -> Row:
 
 def _record_launches() -> list[tuple[Any, tuple, dict]]:
     """Every launch the Triton backend makes over its dtypes, rules and flags (kernels not run)."""
+    import dataclasses
+
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -212,9 +214,35 @@ def _record_launches() -> list[tuple[Any, tuple, dict]]:
                             st.exp_avg, st.exp_avg_sq = tensors(state_dtype), tensors(state_dtype)
                         backend.step_(rule, tensors(dtype), tensors(dtype), tensors(dtype) if has_r else None, st,
                                       coef, hp)
+        # update-space surgery: the reduction pass, its coefficients, Adam's uncorrected-denominator step
+        update_rules = [("sgd", StepHyper(lr=0.1)), ("sgd", StepHyper(lr=0.1, momentum=0.9)),
+                        ("sgd", StepHyper(lr=0.1, momentum=0.9, nesterov=True)), ("adam", StepHyper(lr=0.1)),
+                        ("adamw", StepHyper(lr=0.1, weight_decay=0.1))]
+        for dtype in dtypes:
+            for rule, hp in update_rules:
+                hp = dataclasses.replace(hp, uncorrected_preconditioner=True)
+                for state_dtype in {dtype, torch.float32}:
+                    st = RuleStateLists(step=[torch.zeros((), dtype=torch.float32) for _ in shapes])
+                    if rule == "sgd":
+                        st.momentum_buffer = tensors(state_dtype) if hp.momentum else []
+                    else:
+                        st.exp_avg, st.exp_avg_sq = tensors(state_dtype), tensors(state_dtype)
+                    backend.update_terms(rule, tensors(dtype), tensors(dtype), tensors(dtype), st, hp)
+                    if rule != "sgd":
+                        backend.step_(rule, tensors(dtype), tensors(dtype), tensors(dtype), st, coef, hp)
+        terms = torch.ones(7, dtype=torch.float64)
+        for found_inf in (None, torch.zeros(1)):
+            for max_norm in (None, 1.0):
+                backend.update_space_coefficients(terms, SurgeryConfig(max_norm=max_norm), 0.0, found_inf)
     finally:
         JITFunction.run = original
     return launches
+
+
+def _rule_code(name: str) -> int:
+    from eupmu_kernels.contract import rule_codes
+
+    return rule_codes()[name]
 
 
 def _dtype_name(value: Any) -> str:
@@ -248,6 +276,9 @@ def _fast_path_arrays(kernel: str, flags: dict[str, Any]) -> tuple[list[str], li
     if kernel == "_adam_kernel":
         reads = ["P_DTYPE"] * (3 if flags["HAS_R"] else 2) + ["S_DTYPE", "S_DTYPE"]
         return reads, ["P_DTYPE", "S_DTYPE", "S_DTYPE"]
+    if kernel == "_terms_blocks_kernel":  # p, g_f, g_r and the state; nothing written
+        states = 2 if flags["RULE"] != _rule_code("sgd") else (1 if flags["HAS_S1"] else 0)
+        return ["P_DTYPE"] * 3 + ["S_DTYPE"] * states, []
     return None
 
 
@@ -358,7 +389,13 @@ QUICK = {
     "_combine_kernel": lambda f: f["HAS_R"] and _dtype_name(f["G_DTYPE"]) == "fp16",
     "_sgd_kernel": lambda f: f["HAS_R"] and f["HAS_MOMENTUM"] and _dtype_name(f["P_DTYPE"]) == "bf16"
     and _dtype_name(f["S_DTYPE"]) == "fp32",
-    "_adam_kernel": lambda f: f["HAS_R"] and f["DECOUPLED"] and _dtype_name(f["P_DTYPE"]) == _dtype_name(f["S_DTYPE"]),
+    "_adam_kernel": lambda f: f["HAS_R"] and f["DECOUPLED"] and _dtype_name(f["P_DTYPE"]) == _dtype_name(f["S_DTYPE"])
+    and f["UNCORRECTED"] == (_dtype_name(f["P_DTYPE"]) == "bf16"),
+    "_terms_blocks_kernel": lambda f: _dtype_name(f["S_DTYPE"]) == "fp32" and (
+        (f["RULE"] == _rule_code("adam") and _dtype_name(f["P_DTYPE"]) == "bf16")
+        or (f["RULE"] == _rule_code("sgd") and f["HAS_S1"] and not f["NESTEROV"]
+            and _dtype_name(f["P_DTYPE"]) == "fp32")),
+    "_update_space_coefficients_kernel": lambda f: f["HAS_FOUND_INF"] and f["HAS_CLIP"],
 }
 
 
@@ -444,7 +481,8 @@ def _kernel_and_template_args(demangled: str) -> tuple[str, str]:
 
 
 CUDA_THREADS = {"gram_chunks_kernel": 512, "gram_cleanup_kernel": 256, "coefficients_kernel": 1,
-                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 64}
+                "combine_chunks_kernel": 512, "update_chunks_kernel": 512, "advance_steps_kernel": 64,
+                "terms_chunks_kernel": 512, "terms_cleanup_kernel": 256, "update_space_coefficients_kernel": 1}
 
 
 def _cuda_expected_v4(kernel: str, spec: str) -> tuple[int | None, int | None]:

@@ -61,7 +61,7 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
                           const TensorList& exp_avg, const TensorList& exp_avg_sq,
                           const TensorList& momentum_buffer, const at::Tensor& coef, double lr, double beta1,
                           double beta2, double eps, double weight_decay, double momentum, double dampening,
-                          bool nesterov) {
+                          bool nesterov, bool uncorrected) {
   if (params.empty()) return {};
   UpdateRequest req;
   req.rule = static_cast<int>(rule);
@@ -80,11 +80,61 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
   req.momentum = momentum;
   req.dampening = dampening;
   req.nesterov = nesterov;
+  req.uncorrected = uncorrected;
 #if defined(EUPMU_WITH_CUDA)
   if (params[0].is_cuda()) return cuda_ops::step(req, coef);
 #endif
   check_cpu(params[0]);
   return cpu_ops::step(req, coef);
+}
+
+// Update-space surgery (docs/design.md): the reduction pass and the coefficient stage.
+pybind11::tuple update_terms(int64_t rule, const TensorList& params, const TensorList& grads_f,
+                             const TensorList& grads_r, const TensorList& steps, const TensorList& exp_avg,
+                             const TensorList& exp_avg_sq, const TensorList& momentum_buffer, double lr, double beta1,
+                             double beta2, double eps, double weight_decay, double momentum, double dampening,
+                             bool nesterov) {
+  TORCH_CHECK(!params.empty(), "update_terms: params is empty");
+  UpdateRequest req;
+  req.rule = static_cast<int>(rule);
+  req.params = params;
+  req.grads_f = grads_f;
+  req.grads_r = grads_r;
+  req.steps = steps;
+  req.exp_avg = exp_avg;
+  req.exp_avg_sq = exp_avg_sq;
+  req.momentum_buffer = momentum_buffer;
+  req.lr = lr;
+  req.beta1 = beta1;
+  req.beta2 = beta2;
+  req.eps = eps;
+  req.weight_decay = weight_decay;
+  req.momentum = momentum;
+  req.dampening = dampening;
+  req.nesterov = nesterov;
+  req.uncorrected = true;
+  std::vector<int64_t> fallback;
+  at::Tensor terms;
+  {
+    pybind11::gil_scoped_release release;
+#if defined(EUPMU_WITH_CUDA)
+    if (params[0].is_cuda()) terms = cuda_ops::update_terms(req, &fallback);
+#endif
+    if (!terms.defined()) {
+      check_cpu(params[0]);
+      terms = cpu_ops::update_terms(req, &fallback);
+    }
+  }
+  return pybind11::make_tuple(terms, fallback);
+}
+
+at::Tensor update_space_coefficients(const at::Tensor& terms, double budget, std::optional<double> max_norm,
+                                     const std::optional<at::Tensor>& found_inf) {
+#if defined(EUPMU_WITH_CUDA)
+  if (terms.is_cuda()) return cuda_ops::update_space_coefficients(terms, budget, max_norm, found_inf);
+#endif
+  check_cpu(terms);
+  return cpu_ops::update_space_coefficients(terms, budget, max_norm, found_inf);
 }
 
 // The slot indices and codes this module was compiled with (eupmu_contract.h), under the names of
@@ -113,6 +163,17 @@ pybind11::dict contract_codes() {
   out["method_count"] = kMethodCount;
   out["rules"] = rules;
   out["rule_count"] = kRuleCount;
+  pybind11::dict terms;
+  terms["aa"] = kTermAa;
+  terms["ab"] = kTermAb;
+  terms["bb"] = kTermBb;
+  terms["k0"] = kTermK0;
+  terms["k1"] = kTermK1;
+  terms["k2"] = kTermK2;
+  terms["t0"] = kTermT0;
+  out["terms"] = terms;
+  out["terms_len"] = kTermsLen;
+  out["clip_iterations"] = kClipIterations;
   return out;
 }
 
@@ -194,7 +255,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_", &eupmu::step, nogil, arg("rule"), arg("params"), arg("grads_f"), arg("grads_r"), arg("steps"),
         arg("exp_avg"), arg("exp_avg_sq"), arg("momentum_buffer"), arg("coef"), arg("lr"), arg("beta1"),
         arg("beta2"), arg("eps"), arg("weight_decay"), arg("momentum"), arg("dampening"), arg("nesterov"),
-        "fused combine + update in place; returns the indices it left to the caller (unsupported layouts)");
+        arg("uncorrected") = false,
+        "fused combine + update in place; returns the indices it left to the caller (unsupported layouts); "
+        "uncorrected: Adam's denominator from g_f (update-space surgery)");
+  m.def("update_terms", &eupmu::update_terms, arg("rule"), arg("params"), arg("grads_f"), arg("grads_r"),
+        arg("steps"), arg("exp_avg"), arg("exp_avg_sq"), arg("momentum_buffer"), arg("lr"), arg("beta1"),
+        arg("beta2"), arg("eps"), arg("weight_decay"), arg("momentum"), arg("dampening"), arg("nesterov"),
+        "update-space surgery: (float64[7] Gramian and terms K0, K1, K2, T0 in one pass, indices left to the "
+        "caller)");
+  m.def("update_space_coefficients", &eupmu::update_space_coefficients, nogil, arg("terms"), arg("budget"),
+        arg("max_norm") = py::none(), arg("found_inf") = py::none(),
+        "update-space surgery: the float32[8] coefficient vector from the float64[7] terms, on their device");
 
   m.def("has_cuda_kernels", []() { return eupmu::kWithCuda; },
         "whether this build compiled in the CUDA kernels (else CUDA tensors are refused)");

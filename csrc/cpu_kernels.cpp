@@ -43,7 +43,7 @@ constexpr int kVectorBytes = 64;
 namespace {
 
 #define EUPMU_TABLE(name, ns) \
-  KernelTable { name, &ns::gram_chunk, &ns::combine_chunk, &ns::update_chunk }
+  KernelTable { name, &ns::gram_chunk, &ns::combine_chunk, &ns::update_chunk, &ns::terms_chunk }
 
 #if defined(EUPMU_HAVE_X86_VARIANTS)
 const KernelTable kTables[] = {

@@ -25,6 +25,7 @@ struct UpdateSpec {
   DType param;
   DType state;
   bool momentum;  // sgd with a momentum buffer
+  bool uncorrected;  // adam in update space: the denominator from g_f (docs/design.md, Update-space surgery)
   float ca;
   float cb;
   RuleHyper hyper;
@@ -38,12 +39,17 @@ using CombineChunkFn = void (*)(DType dtype, void* gf, const void* gr, int64_t n
 // The fused combine + rule update of n elements.
 using UpdateChunkFn = void (*)(const UpdateSpec& spec, const StepConsts& consts, const UpdatePointers& ptrs,
                                int64_t n);
+// sums[0..kTermSums) = the raw float64 sums of update-space surgery over n elements (eupmu_math.h,
+// TermSum), in a fixed order; ptrs.gr must be set, ptrs.p is only read. spec.ca and spec.cb are unused.
+using TermsChunkFn = void (*)(const UpdateSpec& spec, const StepConsts& consts, const UpdatePointers& ptrs,
+                              int64_t n, double* sums);
 
 struct KernelTable {
   const char* isa;
   GramChunkFn gram;
   CombineChunkFn combine;
   UpdateChunkFn update;
+  TermsChunkFn terms;
 };
 
 // Instruction-set variants compiled into this build, best first: "avx512", "avx2", "default"

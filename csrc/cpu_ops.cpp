@@ -114,6 +114,7 @@ void run_update_group(const UpdateGroup& group, const UpdateRequest& req, float 
   spec.param = group.param_dtype;
   spec.state = group.state_dtype;
   spec.momentum = uses_momentum_buffer(req);
+  spec.uncorrected = req.uncorrected && req.rule != kRuleSgd;
   spec.ca = ca;
   spec.cb = cb;
   spec.hyper = rule_hyper(req);
@@ -213,6 +214,73 @@ std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef) {
   }
   bump_versions(plan);
   return plan.fallback;
+}
+
+at::Tensor update_terms(const UpdateRequest& req, std::vector<int64_t>* fallback) {
+  TORCH_CHECK(req.grads_r.has_value(), "update_terms: grads_r is required");
+  const UpdatePlan plan = plan_update(req, at::Device(at::kCPU));
+  *fallback = plan.fallback;
+  const TermHyper th = term_hyper(req);
+  const RuleHyper rh = rule_hyper(req);
+  // one list of chunks over every group, each chunk's raw sums in its own slots
+  std::vector<const UpdateEntry*> entries;
+  std::vector<const UpdateGroup*> owners;
+  std::vector<int64_t> numels;
+  for (const UpdateGroup& group : plan.groups) {
+    for (const UpdateEntry& e : group.entries) {
+      entries.push_back(&e);
+      owners.push_back(&group);
+      numels.push_back(e.p.numel());
+    }
+  }
+  std::vector<StepConsts> consts;
+  std::vector<float> steps;
+  for (const UpdateEntry* e : entries) {
+    steps.push_back(*e->step.data_ptr<float>());
+    consts.push_back(step_consts(rh, steps.back()));
+  }
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  std::vector<double> partial(static_cast<size_t>(kTermsLen) * chunks.size());
+  const cpu::TermsChunkFn terms = table().terms;
+  for_each_chunk(chunks, [&](const Chunk& c, int64_t j) {
+    const UpdateEntry& e = *entries[c.item];
+    cpu::UpdateSpec spec;
+    spec.rule = req.rule;
+    spec.param = owners[c.item]->param_dtype;
+    spec.state = owners[c.item]->state_dtype;
+    spec.momentum = uses_momentum_buffer(req);
+    spec.uncorrected = true;
+    spec.ca = 1.0f;
+    spec.cb = 0.0f;
+    spec.hyper = rh;
+    spec.decay = decay_mode(req.rule, rh);
+    const cpu::UpdatePointers ptrs{offset<void>(e.p, c.begin), offset<const void>(e.gf, c.begin),
+                                   offset<const void>(e.gr, c.begin), offset<void>(e.s1, c.begin),
+                                   offset<void>(e.s2, c.begin)};
+    double sums[kTermSums];
+    terms(spec, consts[c.item], ptrs, c.n, sums);
+    chunk_terms(th, steps[c.item], sums, &partial[static_cast<size_t>(kTermsLen) * j]);
+  });
+  at::Tensor out = at::zeros({kTermsLen}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (size_t j = 0; j < chunks.size(); ++j) {  // chunk order: independent of the thread count
+    for (int k = 0; k < kTermsLen; ++k) o[k] += partial[static_cast<size_t>(kTermsLen) * j + k];
+  }
+  return out;
+}
+
+at::Tensor update_space_coefficients(const at::Tensor& terms, double budget, std::optional<double> max_norm,
+                                     const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(terms.numel() == kTermsLen, "the update-space terms must have ", kTermsLen, " elements, got ",
+              terms.numel());
+  const at::Tensor t = terms.to(at::kDouble).contiguous();
+  at::Tensor found;
+  if (found_inf) found = found_inf->to(terms.device(), at::kFloat).reshape({-1}).contiguous();
+  at::Tensor out = at::empty({kCoefLen}, t.options().dtype(at::kFloat));
+  compute_update_space_coefficients(t.data_ptr<double>(), budget, max_norm.has_value() ? 1 : 0,
+                                    max_norm.value_or(0.0), found.defined() ? found.data_ptr<float>() : nullptr,
+                                    out.data_ptr<float>());
+  return out;
 }
 
 std::string active_isa() { return table().isa; }

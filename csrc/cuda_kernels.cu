@@ -105,6 +105,33 @@ __device__ __forceinline__ void block_sum3(V& x, V& y, V& z) {
   }
 }
 
+// Sums v[0..kN) over the block in a fixed order; thread 0 holds the result. blockDim.x must be a
+// multiple of 32 and at most 1024.
+template <int kN>
+__device__ __forceinline__ void block_sum_n(double (&v)[kN]) {
+  __shared__ double partial[kN][32];
+#pragma unroll
+  for (int k = 0; k < kN; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v[k] += __shfl_down_sync(kFullMask, v[k], offset);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) partial[k][warp] = v[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x >> 5;
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      v[k] = lane < warps ? partial[k][lane] : 0.0;
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v[k] += __shfl_down_sync(kFullMask, v[k], offset);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------ Gramian
 //
 // Every element is widened to double before it is multiplied (docs/design.md, Kernel contract):
@@ -265,13 +292,16 @@ void combine_kernels(bool has_gr, const CombineArgs& m, int32_t nchunks, const f
 
 // ------------------------------------------------------------------------------ fused update
 
-// One element of the update: d from (g, r), then the rule on (p, s1, s2).
-template <UpdateKind K, bool kHasGr>
+// One element of the update: d from (g, r), then the rule on (p, s1, s2). kUncorrected (Adam in
+// update space): the denominator from g itself (eupmu_math.h, adam_element_uncorrected).
+template <UpdateKind K, bool kHasGr, bool kUncorrected>
 __device__ __forceinline__ void update_element(float& p, float g, float r, float& s1, float& s2, float ca, float cb,
                                                const RuleHyper& h, const StepConsts& c, DecayMode wd) {
   float d = ca * g;
   if constexpr (kHasGr) d = d + cb * r;
-  if constexpr (K == UpdateKind::kAdam) {
+  if constexpr (K == UpdateKind::kAdam && kUncorrected) {
+    adam_element_uncorrected<true>(p, d, g, s1, s2, h, c, wd);
+  } else if constexpr (K == UpdateKind::kAdam) {
     adam_element<true>(p, d, s1, s2, h, c, wd);
   } else if constexpr (K == UpdateKind::kSgdMomentum) {
     sgd_momentum_element(p, d, s1, h, c, wd);
@@ -283,7 +313,7 @@ __device__ __forceinline__ void update_element(float& p, float g, float r, float
 // Two blocks per SM at least (<= 64 registers): half the warps an SM can hold, as before the
 // launch arguments grew; without the bound ptxas takes up to 80 registers for the bf16/fp16
 // Adam variants, one block of 512 threads per SM.
-template <typename P, typename S, UpdateKind K, bool kHasGr>
+template <typename P, typename S, UpdateKind K, bool kHasGr, bool kUncorrected>
 __global__ void __launch_bounds__(kBlock, 2)
     update_chunks_kernel(const __grid_constant__ UpdateArgs m, const float* __restrict__ coef, RuleHyper h,
                          DecayMode wd) {
@@ -320,7 +350,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       if constexpr (kHasS1) load_pack<S, N>(s1 + off, m1);
       if constexpr (kHasS2) load_pack<S, N>(s2 + off, m2);
 #pragma unroll
-      for (int k = 0; k < N; ++k) update_element<K, kHasGr>(pv[k], gv[k], rv[k], m1[k], m2[k], ca, cb, h, c, wd);
+      for (int k = 0; k < N; ++k) update_element<K, kHasGr, kUncorrected>(pv[k], gv[k], rv[k], m1[k], m2[k], ca, cb, h, c, wd);
       store_pack<P, N>(p + off, pv);
       if constexpr (kHasS1) store_pack<S, N>(s1 + off, m1);
       if constexpr (kHasS2) store_pack<S, N>(s2 + off, m2);
@@ -334,7 +364,7 @@ __global__ void __launch_bounds__(kBlock, 2)
     if (read_gr) rv = Storage<P>::load(gr[i]);
     if constexpr (kHasS1) m1 = Storage<S>::load(s1[i]);
     if constexpr (kHasS2) m2 = Storage<S>::load(s2[i]);
-    update_element<K, kHasGr>(pv, gv, rv, m1, m2, ca, cb, h, c, wd);
+    update_element<K, kHasGr, kUncorrected>(pv, gv, rv, m1, m2, ca, cb, h, c, wd);
     p[i] = Storage<P>::store(pv);
     if constexpr (kHasS1) s1[i] = Storage<S>::store(m1);
     if constexpr (kHasS2) s2[i] = Storage<S>::store(m2);
@@ -357,10 +387,16 @@ template <typename P, typename S, UpdateKind K>
 void update_kernels_kind(const UpdateLaunch& u, const UpdateArgs& m, int32_t nchunks, const float* coef,
                          cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(nchunks));
+  if constexpr (K == UpdateKind::kAdam) {
+    if (u.has_gr && u.uncorrected) {  // update space always has g_r
+      update_chunks_kernel<P, S, K, true, true><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
+      return;
+    }
+  }
   if (u.has_gr) {
-    update_chunks_kernel<P, S, K, true><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
+    update_chunks_kernel<P, S, K, true, false><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
   } else {
-    update_chunks_kernel<P, S, K, false><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
+    update_chunks_kernel<P, S, K, false, false><<<grid, kBlock, 0, stream>>>(m, coef, u.hyper, u.decay);
   }
 }
 
@@ -371,6 +407,101 @@ void update_kernels(const UpdateLaunch& u, const UpdateArgs& m, int32_t n, const
     case UpdateKind::kSgdMomentum: return update_kernels_kind<P, S, UpdateKind::kSgdMomentum>(u, m, n, coef, stream);
     case UpdateKind::kSgdPlain: return update_kernels_kind<P, P, UpdateKind::kSgdPlain>(u, m, n, coef, stream);
   }
+}
+
+// ------------------------------------------------------------------------------ update-space terms
+//
+// docs/design.md, Update-space surgery: one block per chunk forms the chunk's raw float64 sums
+// (elements widened before they are multiplied; Adam's P g_r divides by the float32 denominator of
+// the update, uncorrected_denominator), reduces them over the block in a fixed order, and thread 0
+// scales them by the tensor's factors (chunk_terms) into the chunk's slots.
+
+template <typename P, typename S, UpdateKind K, bool kL2>
+__global__ void __launch_bounds__(kBlock)
+    terms_chunks_kernel(const __grid_constant__ UpdateArgs m, double* __restrict__ slots, RuleHyper h,
+                        TermHyper th) {
+  const ChunkRef ch = locate(m, static_cast<int32_t>(blockIdx.x));
+  const int64_t chunk = m.chunk_base + blockIdx.x;
+  const float step_before = *row_ptr<const float>(m, kStepRow, ch.tensor);
+  const StepConsts c = step_consts(h, step_before);
+  const P* __restrict__ p = row_ptr<const P>(m, 0, ch.tensor) + ch.start;
+  const P* __restrict__ gf = row_ptr<const P>(m, 1, ch.tensor) + ch.start;
+  const P* __restrict__ gr = row_ptr<const P>(m, 2, ch.tensor) + ch.start;
+  const S* __restrict__ s1 = K != UpdateKind::kSgdPlain ? row_ptr<const S>(m, 3, ch.tensor) + ch.start : nullptr;
+  const S* __restrict__ s2 = K == UpdateKind::kAdam ? row_ptr<const S>(m, 4, ch.tensor) + ch.start : nullptr;
+  double acc[kTermSums];
+#pragma unroll
+  for (int k = 0; k < kTermSums; ++k) acc[k] = 0.0;
+  for (int i = threadIdx.x; i < ch.n; i += blockDim.x) {
+    const float f32 = Storage<P>::load(gf[i]), p32 = Storage<P>::load(p[i]);
+    const double f = f32, r = Storage<P>::load(gr[i]), theta = p32;
+    acc[kSumFF] += f * f;
+    acc[kSumFR] += f * r;
+    acc[kSumRR] += r * r;
+    acc[kSumThetaR] += theta * r;
+    if constexpr (K == UpdateKind::kSgdMomentum) acc[kSumState] += static_cast<double>(Storage<S>::load(s1[i])) * r;
+    if constexpr (K == UpdateKind::kAdam) {
+      const float g0 = kL2 ? f32 + h.weight_decay * p32 : f32;
+      const double pr = r / static_cast<double>(uncorrected_denominator(Storage<S>::load(s2[i]), g0, h, c));
+      acc[kSumState] += static_cast<double>(Storage<S>::load(s1[i])) * pr;
+      acc[kSumThetaPR] += theta * pr;
+      acc[kSumFPR] += f * pr;
+      acc[kSumRPR] += r * pr;
+    }
+  }
+  block_sum_n<kTermSums>(acc);
+  if (threadIdx.x == 0) chunk_terms(th, step_before, acc, slots + kTermsLen * chunk);
+}
+
+__global__ void __launch_bounds__(kCleanupBlock)
+    terms_cleanup_kernel(const double* __restrict__ slots, int64_t nslots, double* __restrict__ out) {
+  double v[kTermsLen];
+#pragma unroll
+  for (int k = 0; k < kTermsLen; ++k) v[k] = 0.0;
+  for (int64_t s = threadIdx.x; s < nslots; s += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < kTermsLen; ++k) v[k] += slots[kTermsLen * s + k];
+  }
+  block_sum_n<kTermsLen>(v);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kTermsLen; ++k) out[k] = v[k];
+  }
+}
+
+__global__ void update_space_coefficients_kernel(const double* terms, double budget, int has_max_norm,
+                                                 double max_norm, const float* found_inf, float* out) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) {
+    compute_update_space_coefficients(terms, budget, has_max_norm, max_norm, found_inf, out);
+  }
+}
+
+template <typename P, typename S>
+void terms_kernels(const TermsLaunch& t, const UpdateArgs& m, int32_t nchunks, double* slots, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(nchunks));
+  switch (t.kind) {
+    case UpdateKind::kAdam:
+      if (t.decay.l2) {
+        terms_chunks_kernel<P, S, UpdateKind::kAdam, true><<<grid, kBlock, 0, stream>>>(m, slots, t.hyper, t.terms);
+      } else {
+        terms_chunks_kernel<P, S, UpdateKind::kAdam, false><<<grid, kBlock, 0, stream>>>(m, slots, t.hyper, t.terms);
+      }
+      return;
+    case UpdateKind::kSgdMomentum:
+      terms_chunks_kernel<P, S, UpdateKind::kSgdMomentum, false><<<grid, kBlock, 0, stream>>>(m, slots, t.hyper,
+                                                                                              t.terms);
+      return;
+    case UpdateKind::kSgdPlain:
+      terms_chunks_kernel<P, P, UpdateKind::kSgdPlain, false><<<grid, kBlock, 0, stream>>>(m, slots, t.hyper,
+                                                                                           t.terms);
+      return;
+  }
+}
+
+template <typename P>
+void terms_kernels_state(const TermsLaunch& t, const UpdateArgs& m, int32_t n, double* slots, cudaStream_t stream) {
+  if (t.state == DType::kFloat) return terms_kernels<P, float>(t, m, n, slots, stream);
+  return terms_kernels<P, P>(t, m, n, slots, stream);
 }
 
 template <typename P>
@@ -414,6 +545,28 @@ cudaError_t launch_combine(DType dtype, bool has_gr, const CombineArgs& args, in
     case DType::kBFloat16: combine_kernels<__nv_bfloat16>(has_gr, args, nchunks, coef, stream); break;
     case DType::kHalf: combine_kernels<__half>(has_gr, args, nchunks, coef, stream); break;
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_terms_chunks(const TermsLaunch& launch, const UpdateArgs& args, int32_t nchunks, double* slots,
+                                cudaStream_t stream) {
+  if (nchunks == 0) return cudaSuccess;
+  switch (launch.param) {
+    case DType::kFloat: terms_kernels<float, float>(launch, args, nchunks, slots, stream); break;
+    case DType::kBFloat16: terms_kernels_state<__nv_bfloat16>(launch, args, nchunks, slots, stream); break;
+    case DType::kHalf: terms_kernels_state<__half>(launch, args, nchunks, slots, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_terms_finish(const double* slots, int64_t nslots, double* out, cudaStream_t stream) {
+  terms_cleanup_kernel<<<1, kCleanupBlock, 0, stream>>>(slots, nslots, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_update_space_coefficients(const double* terms, double budget, int has_max_norm, double max_norm,
+                                             const float* found_inf, float* out, cudaStream_t stream) {
+  update_space_coefficients_kernel<<<1, 1, 0, stream>>>(terms, budget, has_max_norm, max_norm, found_inf, out);
   return cudaGetLastError();
 }
 

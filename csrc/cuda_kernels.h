@@ -33,8 +33,19 @@ struct UpdateLaunch {
   DType param;
   DType state;
   bool has_gr;
+  bool uncorrected;  // adam in update space: the denominator from g_f (docs/design.md, Update-space surgery)
   RuleHyper hyper;
   DecayMode decay;
+};
+
+// The update-space reduction pass of one slice (the update's own tensor lists: p, g_f, g_r, states, step).
+struct TermsLaunch {
+  UpdateKind kind;
+  DType param;
+  DType state;
+  RuleHyper hyper;
+  DecayMode decay;
+  TermHyper terms;
 };
 
 // Per-chunk float64 partial sums of one slice into slots[3 * (args.chunk_base + c)].
@@ -53,6 +64,18 @@ cudaError_t launch_coefficients(const double* gram, const SurgerySpec& spec, con
 // g_f <- ca*g_f + cb*g_r unless coef[skip] is set, over one slice.
 cudaError_t launch_combine(DType dtype, bool has_gr, const CombineArgs& args, int32_t nchunks, const float* coef,
                            cudaStream_t stream);
+
+// Update-space surgery: each chunk's Gramian and terms (eupmu_math.h, chunk_terms) into
+// slots[kTermsLen * (args.chunk_base + c)], float64, in a fixed order.
+cudaError_t launch_terms_chunks(const TermsLaunch& launch, const UpdateArgs& args, int32_t nchunks, double* slots,
+                                cudaStream_t stream);
+
+// One block: out[k] = the fixed-order sum of slots[kTermsLen * s + k] over s < nslots.
+cudaError_t launch_terms_finish(const double* slots, int64_t nslots, double* out, cudaStream_t stream);
+
+// One thread: the float32[8] coefficient vector of update-space surgery from the float64 terms.
+cudaError_t launch_update_space_coefficients(const double* terms, double budget, int has_max_norm, double max_norm,
+                                             const float* found_inf, float* out, cudaStream_t stream);
 
 // Fused combine + rule update of one slice, then step += 1 for each of its tensors; all of it
 // skipped on the device when coef[skip] is set.

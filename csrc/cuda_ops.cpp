@@ -42,6 +42,12 @@ at::Tensor float_on(const std::optional<at::Tensor>& t, const at::Device& device
   return t->to(device, at::kFloat).reshape({-1}).contiguous();
 }
 
+cuda::UpdateKind update_kind(const UpdateRequest& req) {
+  return req.rule != kRuleSgd        ? cuda::UpdateKind::kAdam
+         : uses_momentum_buffer(req) ? cuda::UpdateKind::kSgdMomentum
+                                     : cuda::UpdateKind::kSgdPlain;
+}
+
 void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::Tensor& coef) {
   AddressRows rows(cuda::kUpdateRows);
   std::vector<int64_t> numels;
@@ -55,12 +61,11 @@ void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::
     numels.push_back(e.p.numel());
   }
   cuda::UpdateLaunch u;
-  u.kind = req.rule != kRuleSgd        ? cuda::UpdateKind::kAdam
-           : uses_momentum_buffer(req) ? cuda::UpdateKind::kSgdMomentum
-                                       : cuda::UpdateKind::kSgdPlain;
+  u.kind = update_kind(req);
   u.param = group.param_dtype;
   u.state = group.state_dtype;
   u.has_gr = req.grads_r.has_value();
+  u.uncorrected = req.uncorrected && req.rule != kRuleSgd;
   u.hyper = rule_hyper(req);
   u.decay = decay_mode(req.rule, u.hyper);
   const cudaStream_t stream = current_stream(coef.device());
@@ -135,6 +140,70 @@ void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at
         C10_CUDA_CHECK(cuda::launch_combine(dtype, work.has_gr, args, s.nchunks, coef.data_ptr<float>(), stream));
       });
   finish_combine(work);
+}
+
+at::Tensor update_terms(const UpdateRequest& req, std::vector<int64_t>* fallback) {
+  TORCH_CHECK(req.grads_r.has_value(), "update_terms: grads_r is required");
+  TORCH_CHECK(!req.params.empty(), "update_terms: params is empty");
+  const at::Device device = req.params[0].device();
+  const UpdatePlan plan = plan_update(req, device);
+  *fallback = plan.fallback;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = current_stream(device);
+  const at::TensorOptions f64 = at::TensorOptions().device(device).dtype(at::kDouble);
+  // one slot row per chunk of every group, the groups one after the other
+  int64_t nchunks = 0;
+  for (const UpdateGroup& group : plan.groups) {
+    for (const UpdateEntry& e : group.entries) nchunks += launch::chunks_of(e.p.numel());
+  }
+  at::Tensor slots = at::empty({std::max<int64_t>(kTermsLen * nchunks, kTermsLen)}, f64);
+  int64_t offset = 0;
+  for (const UpdateGroup& group : plan.groups) {
+    AddressRows rows(cuda::kUpdateRows);
+    std::vector<int64_t> numels;
+    int64_t group_chunks = 0;
+    for (const UpdateEntry& e : group.entries) {
+      rows[0].push_back(address_of(e.p));
+      rows[1].push_back(address_of(e.gf));
+      rows[2].push_back(address_of(e.gr));
+      rows[3].push_back(address_of(e.s1));
+      rows[4].push_back(address_of(e.s2));
+      rows[cuda::kStepRow].push_back(address_of(e.step));
+      numels.push_back(e.p.numel());
+      group_chunks += launch::chunks_of(e.p.numel());
+    }
+    cuda::TermsLaunch t;
+    t.kind = update_kind(req);
+    t.param = group.param_dtype;
+    t.state = group.state_dtype;
+    t.hyper = rule_hyper(req);
+    t.decay = decay_mode(req.rule, t.hyper);
+    t.terms = term_hyper(req);
+    double* group_slots = slots.data_ptr<double>() + kTermsLen * offset;
+    for_each_launch<cuda::kUpdateRows>(rows, numels, [&](const cuda::UpdateArgs& args, const launch::LaunchSlice& s) {
+      C10_CUDA_CHECK(cuda::launch_terms_chunks(t, args, s.nchunks, group_slots, stream));
+    });
+    offset += group_chunks;
+  }
+  at::Tensor out = at::empty({kTermsLen}, f64);
+  C10_CUDA_CHECK(cuda::launch_terms_finish(slots.data_ptr<double>(), nchunks, out.data_ptr<double>(), stream));
+  return out;
+}
+
+at::Tensor update_space_coefficients(const at::Tensor& terms, double budget, std::optional<double> max_norm,
+                                     const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(terms.numel() == kTermsLen, "the update-space terms must have ", kTermsLen, " elements, got ",
+              terms.numel());
+  const at::Device device = terms.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor t = terms.to(at::kDouble).contiguous();
+  const at::Tensor found = float_on(found_inf, device);
+  at::Tensor out = at::empty({kCoefLen}, t.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_update_space_coefficients(t.data_ptr<double>(), budget, max_norm.has_value() ? 1 : 0,
+                                                        max_norm.value_or(0.0),
+                                                        found.defined() ? found.data_ptr<float>() : nullptr,
+                                                        out.data_ptr<float>(), current_stream(device)));
+  return out;
 }
 
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef) {

@@ -24,6 +24,11 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
+// Update-space surgery (docs/design.md): float64[kTermsLen] (Gramian, K0, K1, K2, T0) of the request's
+// parameters in one pass (req.grads_r required); the indices the kernels cannot take go to *fallback.
+at::Tensor update_terms(const UpdateRequest& req, std::vector<int64_t>* fallback);
+at::Tensor update_space_coefficients(const at::Tensor& terms, double budget, std::optional<double> max_norm,
+                                     const std::optional<at::Tensor>& found_inf);
 
 std::string active_isa();
 void select_isa(const std::string& isa);  // "auto" picks the best one the CPU supports
@@ -35,6 +40,9 @@ at::Tensor gramian(const TensorList& a, const std::optional<TensorList>& b, bool
 at::Tensor coefficients(const at::Tensor& gram, const CoefficientArgs& args);
 void combine(const TensorList& gf, const std::optional<TensorList>& gr, const at::Tensor& coef);
 std::vector<int64_t> step(const UpdateRequest& req, const at::Tensor& coef);
+at::Tensor update_terms(const UpdateRequest& req, std::vector<int64_t>* fallback);
+at::Tensor update_space_coefficients(const at::Tensor& terms, double budget, std::optional<double> max_norm,
+                                     const std::optional<at::Tensor>& found_inf);
 }  // namespace cuda_ops
 
 }  // namespace eupmu

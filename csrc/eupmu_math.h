@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 // The coefficient slots (kCa ... kA, kCoefLen), kClipEps and the codes of the surgery rules
 // (kMethod*) and base rules (kRule*): generated from eupmu_kernels/contract.py at build time
@@ -197,6 +198,131 @@ EUPMU_HD void adam_element(float& p, float d, float& m, float& v, const RuleHype
   v = v * h.beta2 + (h.one_minus_beta2 * d) * d;
   const float denom = sqrtf(v) / c.bc2_sqrt + h.eps;
   p = p - c.step_size * (m / denom);
+}
+
+// ----------------------------------------------------------------------------- update space
+//
+// docs/design.md, Update-space surgery. Adam's step there takes its denominator from the
+// uncorrected gradient g0 = g_f (+ the L2 term): v_bar = beta2*v + (1 - beta2)*g0^2, while the
+// stored second moment is the usual one. The reduction pass and the update both form that
+// denominator with this one function, in float32, so the terms describe the step applied.
+
+EUPMU_HD float uncorrected_denominator(float v, float g0, const RuleHyper& h, const StepConsts& c) {
+  return sqrtf(v * h.beta2 + (h.one_minus_beta2 * g0) * g0) / c.bc2_sqrt + h.eps;
+}
+
+// One Adam/AdamW element of the update-space step: d the combined direction, g the stored g_f.
+template <bool kFusedLerp>
+EUPMU_HD void adam_element_uncorrected(float& p, float d, float g, float& m, float& v, const RuleHyper& h,
+                                       const StepConsts& c, DecayMode wd) {
+  if (wd.l2) g = g + h.weight_decay * p;
+  const float denom = uncorrected_denominator(v, g, h, c);
+  if (wd.decoupled) p = p * h.decay;
+  if (wd.l2) d = d + h.weight_decay * p;
+  m = lerp<kFusedLerp>(m, d, h.one_minus_beta1);
+  v = v * h.beta2 + (h.one_minus_beta2 * d) * d;
+  p = p - c.step_size * (m / denom);
+}
+
+// Raw float64 sums of one chunk of the update-space reduction (elements widened before they are
+// multiplied, as in the Gramian). kSumState is <b, g_r> (SGD's momentum buffer) or <m, P g_r> (Adam).
+enum TermSum : int {
+  kSumFF = 0, kSumFR, kSumRR, kSumThetaR, kSumState, kSumThetaPR, kSumFPR, kSumRPR, kTermSums
+};
+
+// Hyperparameters of the terms, in float64 as the host has them.
+struct TermHyper {
+  int rule;
+  bool momentum_buffer;  // sgd with momentum
+  bool nesterov;
+  double lr, beta1, weight_decay, momentum, dampening;
+};
+
+// The chunk's Gramian and terms (K0, K1, K2, T0) from its raw sums and its tensor's step count before
+// the step: the factors of the table in docs/design.md, in float64.
+EUPMU_HD void chunk_terms(const TermHyper& h, float step_before, const double* s, double* out) {
+  out[kTermAa] = s[kSumFF];
+  out[kTermAb] = s[kSumFR];
+  out[kTermBb] = s[kSumRR];
+  out[kTermT0] = s[kSumThetaR];
+  if (h.rule == kRuleSgd) {
+    const bool first = step_before == 0.0f;
+    double s_b = 0.0, s_d = 1.0;
+    if (h.momentum_buffer && h.nesterov) {  // D = (1 + mu) d_total + mu^2 b
+      s_b = first ? 0.0 : h.momentum;
+      s_d = 1.0 + h.momentum;
+    } else if (h.momentum_buffer) {  // D = mu b + (1 - dampening) d_total; the first step D = d_total
+      s_b = first ? 0.0 : 1.0;
+      s_d = first ? 1.0 : 1.0 - h.dampening;
+    }
+    out[kTermK0] = h.lr * (s_b * h.momentum * s[kSumState] + s_d * h.weight_decay * s[kSumThetaR]);
+    out[kTermK1] = h.lr * s_d * s[kSumFR];
+    out[kTermK2] = h.lr * s_d * s[kSumRR];
+  } else {
+    const double bc1 = 1.0 - pow(h.beta1, (double)step_before + 1.0);
+    const bool decoupled = h.rule == kRuleAdamw;
+    const double wd_dec = decoupled ? h.weight_decay : 0.0, wd_l2 = decoupled ? 0.0 : h.weight_decay;
+    const double moments = h.beta1 * s[kSumState] + (1.0 - h.beta1) * wd_l2 * s[kSumThetaPR];
+    out[kTermK0] = h.lr * (wd_dec * s[kSumThetaR] + moments / bc1);
+    const double scale = (1.0 - h.beta1) / bc1;
+    out[kTermK1] = h.lr * scale * s[kSumFPR];
+    out[kTermK2] = h.lr * scale * s[kSumRPR];
+  }
+}
+
+// max(0, (-budget - K0 - c*K1) / (c*K2)), 0 where c*K2 <= 0; NaN stays NaN.
+EUPMU_HD double update_space_lambda(double c, double budget, double k0, double k1, double k2) {
+  return clamp_min_zero(safe_div(-budget - k0 - c * k1, c * k2));
+}
+
+EUPMU_HD double direction_norm(double lam, double aa, double ab, double bb) {
+  return sqrt(clamp_min_zero(aa + 2.0 * lam * ab + lam * lam * bb));
+}
+
+// The smallest float32 >= x for x >= 0 (x itself rounded to nearest otherwise, NaN included).
+EUPMU_HD float round_up_to_float(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) < x && f >= 0.0f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof(bits));
+    bits += 1u;
+    memcpy(&f, &bits, sizeof(f));
+  }
+  return f;
+}
+
+// terms: double[kTermsLen] (the global Gramian and terms). Writes the float[8] vector: the smallest
+// lambda >= 0 with K0 + c*(K1 + lambda*K2) >= -budget, c the clip factor of g_f + lambda*g_r (a fixed
+// number of fixed-point steps under clipping), cb = c*lambda rounded up to float32. The semantics of
+// eupmu_kernels/coefficients.py, update_space_coefficients, operation for operation.
+EUPMU_HD void compute_update_space_coefficients(const double* terms, double budget, int has_max_norm, double max_norm,
+                                                const float* found_inf, float* out) {
+  const double aa = terms[kTermAa], ab = terms[kTermAb], bb = terms[kTermBb];
+  const double k0 = terms[kTermK0], k1 = terms[kTermK1], k2 = terms[kTermK2];
+  bool skip = false;
+  for (int i = 0; i < kTermsLen; ++i) skip = skip || !is_finite(terms[i]);
+  if (found_inf != nullptr && *found_inf != 0.0f) skip = true;
+  double lam = update_space_lambda(1.0, budget, k0, k1, k2), clip = 1.0;
+  if (has_max_norm) {
+    for (int i = 0; i < kClipIterations; ++i) {
+      clip = clamp_max_one(max_norm / (direction_norm(lam, aa, ab, bb) + kClipEps));
+      lam = update_space_lambda(clip, budget, k0, k1, k2);
+    }
+    clip = clamp_max_one(max_norm / (direction_norm(lam, aa, ab, bb) + kClipEps));
+  }
+  const double dnorm = direction_norm(lam, aa, ab, bb);
+  const double cos = safe_div(ab, sqrt(aa) * sqrt(bb));
+  const double ca = clip;
+  const float cb = round_up_to_float(lam * clip);
+  if (!(fits_float(ca) && fits_float(cb))) skip = true;
+  out[kCa] = skip ? 1.0f : static_cast<float>(ca);
+  out[kCb] = skip ? 0.0f : cb;
+  out[kSkip] = skip ? 1.0f : 0.0f;
+  out[kLam] = static_cast<float>(lam);
+  out[kClip] = static_cast<float>(clip);
+  out[kCos] = static_cast<float>(cos);
+  out[kDnorm] = static_cast<float>(dnorm);
+  out[kA] = 1.0f;
 }
 
 // One SGD element with a momentum buffer.

@@ -170,6 +170,19 @@ RuleHyper rule_hyper(const UpdateRequest& req) {
                          req.nesterov);
 }
 
+TermHyper term_hyper(const UpdateRequest& req) {
+  TermHyper h;
+  h.rule = req.rule;
+  h.momentum_buffer = uses_momentum_buffer(req);
+  h.nesterov = req.nesterov;
+  h.lr = req.lr;
+  h.beta1 = req.beta1;
+  h.weight_decay = req.weight_decay;
+  h.momentum = req.momentum;
+  h.dampening = req.dampening;
+  return h;
+}
+
 UpdatePlan plan_update(const UpdateRequest& req, const at::Device& device) {
   TORCH_CHECK(req.rule >= 0 && req.rule < kRuleCount, "unknown rule code ", req.rule);
   const size_t n = req.params.size();

@@ -60,6 +60,7 @@ struct UpdateRequest {
   TensorList steps, exp_avg, exp_avg_sq, momentum_buffer;
   double lr = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0, momentum = 0, dampening = 0;
   bool nesterov = false;
+  bool uncorrected = false;  // adam in update space (docs/design.md, Update-space surgery)
 };
 
 struct UpdatePlan {
@@ -72,6 +73,7 @@ struct UpdatePlan {
 UpdatePlan plan_update(const UpdateRequest& req, const at::Device& device);
 
 RuleHyper rule_hyper(const UpdateRequest& req);
+TermHyper term_hyper(const UpdateRequest& req);
 bool uses_momentum_buffer(const UpdateRequest& req);
 
 // In-place writes through raw pointers bypass autograd's version counters; bump them as torch's

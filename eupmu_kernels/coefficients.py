@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import CLIP_EPS, SurgeryConfig
+from .contract import (CLIP_EPS, CLIP_ITERATIONS, TERM_AA, TERM_AB, TERM_BB, TERM_K0, TERM_K1, TERM_K2,
+                       SurgeryConfig)
 from .surgery import get_surgery
 from .surgery.base import safe_div
 
@@ -63,24 +64,22 @@ def _vector(aa: Tensor, ab: Tensor, bb: Tensor, a: Tensor, b: Tensor, dnorm: Ten
     return torch.stack([ca, cb, skip.to(torch.float64), b, clip, cos, dnorm, a]).to(torch.float32)
 
 
-CLIP_ITERATIONS = 8
-
-
-def update_space_coefficients(gram: Tensor, terms: Tensor, cfg: SurgeryConfig, budget: float,
+def update_space_coefficients(terms: Tensor, cfg: SurgeryConfig, budget: float,
                               found_inf: Tensor | None = None) -> Tensor:
     """UNGrad in update space (docs/design.md, Update-space surgery): the smallest lambda >= 0 with
     K0 + c*(K1 + lambda*K2) >= -budget, c the clip factor of d = g_f + lambda*g_r.
 
-    Without clipping the solution is closed-form; with clipping c depends on lambda, and a fixed
-    number of fixed-point iterations (each a closed-form solve for the previous c) converges when
-    the constraint is feasible. The gradients must be unscaled."""
-    g = gram.to(torch.float64)
-    k = terms.to(device=g.device, dtype=torch.float64)
-    aa, ab, bb = g[0], g[1], g[2]
-    k0, k1, k2 = k[0], k[1], k[2]
-    skip = ~(torch.isfinite(g).all() & torch.isfinite(k).all())
+    ``terms``: float64[TERMS_LEN], the Gramian then (K0, K1, K2, T0). Without clipping the solution
+    is closed-form; with clipping c depends on lambda, and a fixed number of fixed-point iterations
+    (each a closed-form solve for the previous c) converges when the constraint is feasible. The
+    gradients must be unscaled. The Triton kernel and ``csrc/eupmu_math.h`` follow this function
+    operation for operation."""
+    k = terms.to(torch.float64)
+    aa, ab, bb = k[TERM_AA], k[TERM_AB], k[TERM_BB]
+    k0, k1, k2 = k[TERM_K0], k[TERM_K1], k[TERM_K2]
+    skip = ~torch.isfinite(k).all()
     if found_inf is not None:
-        skip = skip | (found_inf.to(g.device).reshape(()) != 0)
+        skip = skip | (found_inf.to(k.device).reshape(()) != 0)
     one = torch.ones_like(aa)
 
     def solve(c: Tensor) -> Tensor:

@@ -46,6 +46,14 @@ COEF_LEN = len(COEF_SLOTS)
 CA, CB, SKIP, LAM, CLIP, COS, DNORM, A = range(COEF_LEN)
 CLIP_EPS = 1e-6  # added to ||d|| in the clip factor
 
+# Update-space surgery (docs/design.md, Update-space surgery): the one reduction pass over g_f, g_r,
+# theta and the state gives the Gramian and the terms of the retain change, float64 each:
+# -<u, g_r> = K0 + c*(K1 + lambda*K2) for the step u with d = c*(g_f + lambda*g_r), T0 = <theta, g_r>.
+TERM_SLOTS = ("aa", "ab", "bb", "k0", "k1", "k2", "t0")
+TERMS_LEN = len(TERM_SLOTS)
+TERM_AA, TERM_AB, TERM_BB, TERM_K0, TERM_K1, TERM_K2, TERM_T0 = range(TERMS_LEN)
+CLIP_ITERATIONS = 8  # fixed-point steps of the update-space solve under clipping
+
 
 @dataclass(frozen=True)
 class SurgeryConfig:
@@ -105,6 +113,10 @@ class KernelBackend(Protocol):
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """True when this backend can run on tensors of this device and storage dtype."""
 
+    def supports_update_space(self, device: torch.device) -> bool:
+        """True when ``update_terms``, ``update_space_coefficients`` and the uncorrected-preconditioner
+        step run on tensors of this device (docs/design.md, Update-space surgery)."""
+
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
         """float64[3] (<a,a>, <a,b>, <b,b>) over all pairs; (<a,a>, 0, 0) when b is None.
 
@@ -125,9 +137,16 @@ class KernelBackend(Protocol):
 
     def update_terms(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
                      grads_r: Sequence[Tensor], state: RuleStateLists, hp: StepHyper) -> Tensor:
-        """float64[4] (K0, K1, K2, T0) of update-space surgery for this group: the step with
-        d = c*(g_f + lambda*g_r) moves theta by u with -<u, g_r> = K0 + c*(K1 + lambda*K2), and
-        T0 = <theta, g_r> before the step (docs/design.md, Update-space surgery)."""
+        """float64[TERMS_LEN] (<g_f,g_f>, <g_f,g_r>, <g_r,g_r>, K0, K1, K2, T0) of update-space
+        surgery for this group, in one pass: the step with d = c*(g_f + lambda*g_r) moves theta by
+        u with -<u, g_r> = K0 + c*(K1 + lambda*K2), and T0 = <theta, g_r> before the step
+        (docs/design.md, Update-space surgery). ``hp`` is that of the update-space step
+        (``uncorrected_preconditioner``: Adam's denominator from the uncorrected g_f)."""
+
+    def update_space_coefficients(self, terms: Tensor, cfg: SurgeryConfig, budget: float,
+                                  found_inf: Tensor | None) -> Tensor:
+        """float32[COEF_LEN] from the global float64[TERMS_LEN] (Gramian and terms), on the device:
+        the smallest lambda >= 0 with K0 + c*(K1 + lambda*K2) >= -budget (rounded up to float32)."""
 
 
 # ---------------------------------------------------------------------------------- codes
@@ -165,6 +184,9 @@ def c_header() -> str:
     lines += [f"constexpr int k{_camel(slot)} = {i};" for i, slot in enumerate(COEF_SLOTS)]
     # float64: the coefficient stage computes in float64 (docs/design.md, Kernel contract)
     lines += [f"constexpr double kClipEps = {CLIP_EPS!r};", ""]
+    lines += [f"constexpr int kTermsLen = {TERMS_LEN};"]
+    lines += [f"constexpr int kTerm{_camel(slot)} = {i};" for i, slot in enumerate(TERM_SLOTS)]
+    lines += [f"constexpr int kClipIterations = {CLIP_ITERATIONS};", ""]
     method_list = ", ".join(f"kMethod{_camel(n)} = {c}" for n, c in methods.items())
     rule_list = ", ".join(f"kRule{_camel(n)} = {c}" for n, c in rules.items())
     lines += [f"enum Method : int {{ {method_list} }};", f"constexpr int kMethodCount = {len(methods)};",

@@ -31,8 +31,8 @@ from . import distributed as dist_util
 from .buckets import DEFAULT_BUCKET_NUMEL, Bucket, build_buckets
 from .backward_gramian import FORGET, RETAIN, BackwardGramian
 from .capture import RetainCapture
-from .coefficients import unscaled, update_space_coefficients
-from .contract import CLIP, COS, LAM, SKIP, A, RuleStateLists
+from .coefficients import unscaled
+from .contract import CLIP, COS, LAM, SKIP, TERM_K0, TERM_T0, A, RuleStateLists
 from .dual import DualConfig, DualController, preset
 from .ops import make_config, sum_gramians
 from .rules import BaseRule, get_rule
@@ -219,6 +219,8 @@ class EUPMU(torch.optim.Optimizer):
         self._skipped: Tensor | None = None
         self._warned_no_combine = False
         self._get_buckets()  # hooks in place before the first backward pass
+        for bucket in self._buckets or ():
+            self._step_backend(bucket)  # a backend without update-space kernels is refused here
 
     # ------------------------------------------------------------------ configuration
 
@@ -512,23 +514,51 @@ class EUPMU(torch.optim.Optimizer):
         return coef, (unscaled(gram, inv_scale) if need_gram else None)
 
     def _step_backend(self, bucket: Bucket):
-        """The bucket's backend, or the torch backend where its kernels lack update-space support."""
-        if self.surgery_space == "update" and not getattr(bucket.backend, "update_space", False):
-            return dispatch.get_backend("torch", bucket.device, bucket.dtype)
-        return bucket.backend
+        """The bucket's backend; in update space one whose kernels implement it for the bucket's device.
+
+        With ``backend="auto"`` a bucket whose first choice lacks update-space kernels goes to the
+        next one in the dispatch order that has them (Triton, then torch); a backend asked for by
+        name that lacks them is an error, never a silent change of backend or of surgery space."""
+        backend = bucket.backend
+        if self.surgery_space != "update" or _has_update_space(backend, bucket.device):
+            return backend
+        if self.backend != "auto":
+            others = " or ".join(f"backend={name!r}" for name in ("triton", "torch") if name != backend.name)
+            raise NotImplementedError(
+                f"surgery_space='update' is not implemented by backend={backend.name!r} for {bucket.device.type} "
+                f"tensors; use {others} (or backend='auto'), or surgery_space='gradient'")
+        for name in ("triton", "torch"):
+            try:
+                candidate = dispatch.get_backend(name, bucket.device, bucket.dtype)
+            except dispatch.BackendUnavailableError:
+                continue
+            if _has_update_space(candidate, bucket.device):
+                return candidate
+        raise NotImplementedError(f"surgery_space='update': no backend implements it for {bucket.device.type} "
+                                  f"tensors of dtype {bucket.dtype}")
 
     def _update_space_coefficients(self, work, launches, lr: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Gramian and update-space terms (K0, K1, K2, T0) summed over buckets, then the coefficients."""
+        """One pass per bucket gives its Gramian and update-space terms (K0, K1, K2, T0); summed over
+        buckets (and shards), then the coefficients, all on the device. A Gramian the backward-pass
+        hooks already formed replaces the pass's own (same values; docs/design.md, Gramian in the
+        backward pass)."""
         if getattr(self, "grad_scale", None) is not None:
             raise RuntimeError("surgery_space='update' needs unscaled gradients: call scaler.unscale_(optimizer) "
                                "before scaler.step(optimizer)")
-        gram = self._global_gramian(work)
         parts = [self._step_backend(bucket).update_terms(self.rule, params, grads_f, grads_r, state, hp)
                  for bucket, params, grads_f, grads_r, state, hp in launches]
         terms = self._sum_over_shards(parts, [launch[0] for launch in launches])
+        self.gramian_source = "step"
+        if self._backward_gramian_on():
+            hooked = self.backward_gramian.gramian(work, lambda p: p.grad is not None, self.capture.has)
+            if hooked is not None:
+                self.gramian_source = "backward"
+                terms = torch.cat([sum_gramians(hooked).to(terms.device), terms[TERM_K0:]])
         budget = lr * self.surgery_config.tolerance
-        coef = update_space_coefficients(gram, terms, self.surgery_config, budget, getattr(self, "found_inf", None))
-        return coef, gram, terms[3]
+        first = launches[0][0]
+        coef = self._step_backend(first).update_space_coefficients(terms, self.surgery_config, budget,
+                                                                   getattr(self, "found_inf", None))
+        return coef, terms[:TERM_K0], terms[TERM_T0]
 
     def _record_retain_change(self, launches, theta_r_before: Tensor, lr: float) -> None:
         """<theta_{t+1} - theta_t, g_r>, measured after the step (docs/design.md, Update-space surgery)."""
@@ -703,6 +733,11 @@ class EUPMU(torch.optim.Optimizer):
     def _require_mode(self, mode: str, what: str) -> None:
         if self.mode != mode:
             raise RuntimeError(f"{what} is for mode={mode!r}, but this optimizer was built with mode={self.mode!r}")
+
+
+def _has_update_space(backend, device: torch.device) -> bool:
+    supports = getattr(backend, "supports_update_space", None)
+    return supports is not None and bool(supports(device))
 
 
 def _capture_mode(retain_capture: str, retain_grad_views: bool | None) -> str:

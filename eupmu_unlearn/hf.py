@@ -114,6 +114,8 @@ class EUPMUConfig:
             :data:`LossFn`. Gradient ascent is negative, so in implicit mode it needs a dual rule
             without the log transform: ``dual="paper"`` (or ``loss_transform="identity"``).
         npo_beta: NPO's inverse temperature beta.
+        simnpo_beta, simnpo_gamma: SimNPO's inverse temperature and margin (``forget_loss="simnpo"``,
+            NPO without a reference model on the length-normalised log-likelihood).
         dual_update: implicit mode: ``"lagged"`` (the next step's retain loss stands in for the
             retain loss after the step) or ``"exact"`` (re-evaluate the step's retain micro-batches
             after the step, without gradients).
@@ -128,6 +130,8 @@ class EUPMUConfig:
     mode: str = _eupmu_default("mode")
     forget_loss: str | LossFn = "npo"
     npo_beta: float = 0.1
+    simnpo_beta: float = 2.5
+    simnpo_gamma: float = 0.0
     dual_update: str = "lagged"
     max_grad_norm: float | None = None  # None: TrainingArguments.max_grad_norm (see above)
     rule: str = _eupmu_default("rule")
@@ -288,6 +292,18 @@ class NPOLoss:
         return text_forget_loss("npo", model, batch, reference_log_prob, self.beta)
 
 
+class SimNPOLoss:
+    """SimNPO: (2/beta) E[log(1 + exp(beta * log pi / |y| + gamma))] >= 0; no reference model."""
+
+    def __init__(self, beta: float = 2.5, gamma: float = 0.0) -> None:
+        if beta <= 0 or gamma < 0:
+            raise ValueError(f"simnpo needs beta > 0 and gamma >= 0, got beta={beta}, gamma={gamma}")
+        self.beta, self.gamma = beta, gamma
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        return text_forget_loss("simnpo", model, batch, None, simnpo_beta=self.beta, simnpo_gamma=self.gamma)
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
@@ -427,6 +443,8 @@ class EUPMUTrainer(Trainer):
             return chosen
         if chosen == "ga":
             return gradient_ascent_loss
+        if chosen == "simnpo":
+            return SimNPOLoss(self.eupmu_config.simnpo_beta, self.eupmu_config.simnpo_gamma)
         reference = ref_model if ref_model is not None else frozen_copy(self.model)
         reference = reference.to(self.args.device).eval()
         reference.requires_grad_(False)

@@ -19,6 +19,7 @@ ungrad            explicit  ungrad     application   tolerance  d = g_f + lambda
 pcgrad            explicit  pcgrad     application   epochs
 graddiff          explicit  graddiff   ga            alpha      d = g_f + alpha g_r
 npo-graddiff      explicit  graddiff   npo           alpha
+simnpo            explicit  graddiff   simnpo        alpha      SimNPO with the retain NLL term
 famo              implicit  famo       application   dual_lr
 ga                plain     forget     ga            epochs
 npo               plain     forget     npo           epochs
@@ -82,6 +83,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("graddiff", "GradDiff", "explicit", "graddiff", "ga", "alpha", (1.0, 3.0, 10.0), (0.001, 10.0)),
     Method("npo-graddiff", "NPO + GradDiff", "explicit", "graddiff", "npo", "alpha", (1.0, 3.0, 10.0),
            (0.001, 10.0)),
+    Method("simnpo", "SimNPO", "explicit", "graddiff", "simnpo", "alpha", (1.0, 3.0, 10.0), (0.001, 1.0)),
     Method("famo", "FAMO", "implicit", "famo", None, "dual_lr", (0.0025, 0.025, 0.25), (0.01, 0.25)),
     Method("ga", "GA", "plain", "forget", "ga", "epochs", (1, 2, 5), (0.001, 5)),
     Method("npo", "NPO", "plain", "forget", "npo", "epochs", (1, 2, 5), (0.001, 5)),

@@ -42,6 +42,7 @@ SAME_STEP = [
     ("adamw-fused", "eupmu-implicit", "eupmu-implicit-noguard"),
     ("naive", "composed", "composed-compiled", "eupmu-explicit", "eupmu-explicit-instep"),
     ("naive-clip", "naive-clip-fused", "eupmu-explicit-clip"),
+    ("eupmu-explicit-update",),  # its own step; compared with the torch backend's below
 ]
 
 
@@ -77,6 +78,10 @@ def test_every_method_takes_the_step_of_its_group(backend: str) -> None:
     surgery_moved = (after["eupmu-explicit"] - after["adamw-fused"]).abs().max()
     assert surgery_moved > 1e-4  # g_r conflicts with g_f, so the surgery changes the step
     assert set(after) == set(METHODS)
+    # update space: every backend takes the torch backend's step (the same lambda up to float32 rounding)
+    torch.testing.assert_close(after["eupmu-explicit-update"], one_step("eupmu-explicit-update", wl, "torch"),
+                               rtol=0, atol=1e-6)
+    assert (after["eupmu-explicit-update"] - after["eupmu-explicit"]).abs().max() > 0  # a different constraint
 
 
 def test_cli_writes_json_markdown_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,3 +175,14 @@ def test_kernel_benchmarks_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_gpu_suite_script_parses() -> None:
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_violations_table_counts_gradient_space_violations_and_none_in_update_space(tmp_path: Path) -> None:
+    rc = cli.main(["violations", "--steps", "3", "--backends", "torch", "--dtypes", "float32", "--rules",
+                   "sgd-momentum,adamw", "--out", str(tmp_path)])
+    assert rc == 0
+    records = json.loads((tmp_path / "violations.json").read_text())["records"]
+    by_space = {(r["rule"], r["space"]): r["violations"] for r in records}
+    assert by_space[("sgd-momentum", "update")] == 0 and by_space[("adamw", "update")] == 0
+    assert by_space[("adamw", "gradient")] > 0  # what update space is for: Adam's moments raise L_r
+    assert "| adamw | update | torch | float32 | 3 | 0 |" in (tmp_path / "violations.md").read_text()

@@ -28,6 +28,7 @@ from eupmu_unlearn.llm import pipeline as llm_pipeline
 from eupmu_unlearn.llm import report as llm_report
 
 METHOD_NAMES = tuple(METHODS)
+IMAGE_METHOD_NAMES = tuple(name for name in METHODS if name != "simnpo")  # SimNPO is defined on token sequences
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 TINY_RUN = ["--train-epochs", "3", "--epochs", "1", "--threads", "1", "--no-cache", "--no-memory", "--quiet"]
 
@@ -46,7 +47,7 @@ def work(monkeypatch) -> list[str]:
 
     for module, name in ((runner, "run_benchmark"), (runner, "prepare_seed"), (runner, "load_dataset"),
                          (sweep_module, "sweep"), (sweep_module, "prepare_seed"), (sweep_module, "store_entry"),
-                         (llm_pipeline, "run_pipeline"), (llm_model, "load_smollm2")):
+                         (llm_pipeline, "run_pipeline"), (llm_pipeline, "run_seeds"), (llm_model, "load_smollm2")):
         monkeypatch.setattr(module, name, stub(f"{module.__name__}.{name}"))
     try:
         from eupmu_bench import cli as bench_cli
@@ -176,7 +177,7 @@ def test_help_lists_every_method(argv, capsys) -> None:
         unlearn_cli.main(argv)
     assert stopped.value.code == 0
     out = capsys.readouterr().out
-    assert all(f"  {name} " in out for name in METHOD_NAMES)
+    assert all(f"  {name} " in out for name in IMAGE_METHOD_NAMES)
 
 
 def test_dry_run_resolves_the_hyperparameters_and_does_nothing_else(tmp_path, capsys, work) -> None:
@@ -297,6 +298,11 @@ LLM_CASES = {
     "unknown dual rule": (["--dual", "famo"], "--dual", "invalid choice"),
     "random labels on text": (["--methods", "ga,rl"], "--methods", "unknown method 'rl'"),
     "method twice": (["--methods", "eupmu,eupmu-reference"], "--methods", "twice"),
+    "unknown split": (["--split", "dev"], "--split", "unknown split 'dev'; choose from test, validation"),
+    "unknown model": (["--model", "gpt"], "--model", "unknown model 'gpt'; choose from smollm2, tiny"),
+    "seed and seeds": (["--seed", "1", "--seeds", "0,1"], "--seeds", "either --seed or --seeds"),
+    "repeated seeds": (["--seeds", "0,1,0"], "--seeds", "repeats '0'"),
+    "empty seed in list": (["--seeds", "0,,1"], "--seeds", "empty element"),
 }
 
 

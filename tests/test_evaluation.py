@@ -244,7 +244,8 @@ def test_method_names():
     assert methods.resolve("eupmu_explicit").name == "ungrad" and methods.resolve("npo_graddiff").name == "npo-graddiff"
     with pytest.raises(ValueError, match="unknown method"):
         methods.resolve("nope")
-    assert [m.name for m in unlearning.SUPPORTED] == list(methods.METHODS)  # images run every method
+    # images run every method but SimNPO, whose length-normalised likelihood is defined on token sequences
+    assert [m.name for m in unlearning.SUPPORTED] == [name for name in methods.METHODS if name != "simnpo"]
 
 
 def test_registry_is_consistent():

@@ -30,7 +30,9 @@ sys.modules[_spec.name] = readiness  # dataclasses look their module up while th
 _spec.loader.exec_module(readiness)
 
 EXPECTED_SPECIALIZATIONS = {"_gramian_blocks_kernel": 6, "_gramian_finish_kernel": 2, "_coefficients_kernel": 32,
-                            "_advance_steps_kernel": 2, "_sgd_kernel": 16, "_adam_kernel": 20, "_combine_kernel": 6}
+                            "_advance_steps_kernel": 2, "_sgd_kernel": 16, "_adam_kernel": 30, "_combine_kernel": 6,
+                            "_terms_blocks_kernel": 23, "_finish_rows_kernel": 1,
+                            "_update_space_coefficients_kernel": 4}
 
 
 def _triton_installed() -> bool:
@@ -96,7 +98,7 @@ def _describe(r: dict) -> str:
 
 @pytest.mark.parametrize("stack", ["dev", "3.6"])
 def test_the_recorded_launches_cover_every_flag(stack):
-    """Driving the Triton backend over dtypes, rules and flags reaches every specialisation (84)."""
+    """Driving the Triton backend over dtypes, rules and flags reaches every specialisation (122)."""
     path = None
     if stack == "3.6":
         path = _triton36()
@@ -112,7 +114,7 @@ def test_the_recorded_launches_cover_every_flag(stack):
     for item in listing["specializations"]:
         counts[item["kernel"]] = counts.get(item["kernel"], 0) + 1
     assert counts == EXPECTED_SPECIALIZATIONS
-    assert len({(i["kernel"], i["specialization"]) for i in listing["specializations"]}) == 84
+    assert len({(i["kernel"], i["specialization"]) for i in listing["specializations"]}) == 122
 
 
 # ---------------------------------------------------------------------------------------- compile checks
@@ -145,7 +147,8 @@ def test_fast_paths_use_128_bit_global_accesses(report):
     """The unmasked, 16-byte aligned path of every block kernel loads and stores 16 bytes at a time."""
     checked = [r for r in report["rows"] if r["expected_v4_loads"] is not None]
     kernels = {r["kernel"] for r in checked if r["backend"] == "triton"}
-    assert kernels == {"_gramian_blocks_kernel", "_sgd_kernel", "_adam_kernel", "_combine_kernel"}
+    assert kernels == {"_gramian_blocks_kernel", "_sgd_kernel", "_adam_kernel", "_combine_kernel",
+                       "_terms_blocks_kernel"}
     narrow = [f"{_describe(r)} v4 ld/st {r['ld_global_v4']}/{r['st_global_v4']}, want >= "
               f"{r['expected_v4_loads']}/{r['expected_v4_stores']}" for r in checked if not r["vectorised"]]
     assert not narrow, "\n".join(narrow)

@@ -19,6 +19,7 @@ from eupmu_unlearn.llm import cli, model as llm_model  # noqa: E402
 from eupmu_unlearn.llm.codec import WordCodec  # noqa: E402
 from eupmu_unlearn.methods import METHODS as METHODS_REGISTRY  # noqa: E402
 from eupmu_unlearn.llm.data import FACT_KINDS, make_mini_tofu, world_facts  # noqa: E402
+from eupmu_unlearn.llm.report import aggregate, aggregate_table, mean_std  # noqa: E402
 from eupmu_unlearn.llm.pipeline import BaseModel, PipelineConfig, run_pipeline  # noqa: E402
 from eupmu_unlearn.llm.scoring import answer_logprobs, greedy_answers, score_split  # noqa: E402
 from eupmu_unlearn.llm.tokens import (IGNORE_INDEX, causal_lm_loss, encode_example,  # noqa: E402
@@ -79,6 +80,20 @@ def test_mini_tofu_is_deterministic_and_split_by_author():
         assert it.key in it.answer and it.key in it.paraphrase
 
 
+def test_validation_authors_are_disjoint_from_the_reported_ones():
+    test_names = {name for seed in range(4) for name in make_mini_tofu(seed=seed).forget_authors
+                  + make_mini_tofu(seed=seed).retain_authors}
+    for seed in (0, 1, 100, 101):
+        val = make_mini_tofu(seed=seed, split="validation")
+        names = set(val.forget_authors + val.retain_authors)
+        assert len(names) == 20 and not names & test_names and val.split == "validation"
+        assert {it.subject for it in val.train} == names
+    # the test split is what it always was for a seed
+    assert make_mini_tofu(seed=5) == make_mini_tofu(seed=5, split="test")
+    with pytest.raises(ValueError, match="split must be one of test, validation, got 'dev'"):
+        make_mini_tofu(split="dev")
+
+
 def test_mini_tofu_rejects_bad_arguments():
     with pytest.raises(ValueError):
         make_mini_tofu(n_authors=1)
@@ -119,6 +134,20 @@ def test_greedy_answers_batched_equals_one_by_one(trained, codec, data):
     assert batched == single
 
 
+def test_greedy_answers_are_the_argmax_continuation(trained, codec, data):
+    """model.generate(do_sample=False) against a plain loop: full forward pass, argmax, append."""
+    question = data.retain[2].question
+    ids = codec.prompt_ids(question)
+    out = []
+    with torch.no_grad():
+        for _ in range(12):
+            token = int(trained(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token == codec.end_id:
+                break
+            out.append(token)
+    assert greedy_answers(trained, codec, [question], max_new_tokens=12) == [codec.decode(out)]
+
+
 def test_finetuning_memorises_the_answers(trained, codec, data):
     answers = greedy_answers(trained, codec, [it.question for it in data.train], max_new_tokens=20)
     recall = [tofu.rouge_l_recall(it.answer, a) for it, a in zip(data.train, answers)]
@@ -135,7 +164,25 @@ def test_npo_loss_at_the_reference_is_two_log_two_over_beta(trained, codec, data
     assert loss.item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-4)
 
 
-@pytest.mark.parametrize("method", [m.name for m in SUPPORTED])
+def test_simnpo_loss_against_a_hand_computation(trained, codec, data):
+    batch = qa_batch(codec, data.forget[:3], torch.device("cpu"))
+    beta, gamma = 2.5, 0.5
+    with torch.no_grad():
+        loss = text_forget_loss("simnpo", trained, batch, simnpo_beta=beta, simnpo_gamma=gamma).item()
+        log_probs = sequence_log_prob(trained, batch).double().tolist()
+    lengths = scored_tokens(batch).tolist()
+    expected = sum(2 / beta * math.log1p(math.exp(beta * lp / n + gamma)) for lp, n in zip(log_probs, lengths)) / 3
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # no reference model is involved, and beta and gamma are checked
+    from eupmu_unlearn.losses import simnpo
+    assert simnpo(torch.tensor([0.0]), beta=2.0).item() == pytest.approx(math.log(2.0))
+    with pytest.raises(ValueError, match="simnpo beta"):
+        simnpo(torch.tensor([0.0]), beta=0.0)
+    with pytest.raises(ValueError, match="simnpo gamma"):
+        simnpo(torch.tensor([0.0]), beta=1.0, gamma=-1.0)
+
+
+@pytest.mark.parametrize("method", [m.name for m in SUPPORTED] + ["ungrad-update"])
 def test_every_method_unlearns(method, trained, codec, data):
     model = fresh_copy(trained)
     forget_batch = qa_batch(codec, data.forget, torch.device("cpu"))
@@ -146,14 +193,72 @@ def test_every_method_unlearns(method, trained, codec, data):
     with torch.no_grad():
         after = causal_lm_loss(model, forget_batch).item()
     has_forget, has_retain = method != "ft", method not in ("ga", "npo")
+    assert cfg.for_method(method) is cfg
     if has_forget:
         assert after > before  # the forget answers became less likely
     assert len(trace.forget_loss) == len(trace.retain_loss) == len(trace.multiplier) == 3
     assert all(math.isfinite(x) for x in trace.multiplier) and all(m >= 0 for m in trace.multiplier)
     assert all(math.isfinite(x) == has_forget for x in trace.forget_loss)
     assert all(math.isfinite(x) == has_retain for x in trace.retain_loss)
-    if method in ("graddiff", "npo-graddiff"):
+    if method in ("graddiff", "npo-graddiff", "simnpo"):
         assert trace.multiplier == pytest.approx([cfg.graddiff_alpha] * 3)
+
+
+def test_ungrad_update_is_ungrad_in_update_space():
+    from eupmu_unlearn.llm.training import optimizer_options, resolve, split_space
+
+    cfg = UnlearnConfig(steps=1, lr=3e-3)
+    assert split_space("ungrad-update") == ("ungrad", "update") and split_space("ungrad") == ("ungrad", "gradient")
+    assert optimizer_options(resolve("ungrad-update", cfg), cfg, "update")["surgery_space"] == "update"
+    assert "surgery_space" not in optimizer_options(resolve("ungrad", cfg), cfg)
+
+
+def test_per_method_values_apply_to_their_method_only():
+    cfg = UnlearnConfig(lr=1e-3, per_method={"eupmu": {"dual_lr": 0.1, "lr": 3e-4}})
+    assert cfg.for_method("eupmu").dual_lr == 0.1 and cfg.for_method("eupmu").lr == 3e-4
+    assert cfg.for_method("ga") is cfg
+    # "eupmu" stands for the --dual preset and takes that preset's values
+    paper = UnlearnConfig(dual="paper", per_method={"eupmu-paper": {"dual_lr": 0.5}})
+    assert paper.for_method("eupmu").dual_lr == 0.5 and paper.for_method("eupmu-reference") is paper
+    with pytest.raises(ValueError, match="unknown unlearning options"):
+        UnlearnConfig(per_method={"ga": {"learning_rate": 1.0}}).for_method("ga")
+
+
+def test_seeds_aggregate_to_mean_and_std():
+    def record(seed, fq, utility, target_utility):
+        def entry(q, u, seconds=None):
+            split = {"probability": 0.5, "rouge_l": 0.5, "key_hit_rate": 0.5}
+            return {"metrics": {"forget_quality": q, "model_utility": u, "forget": split, "retain": split,
+                                "world": split}, "unlearn": {} if seconds is None else {"seconds": seconds}}
+        return {"environment": {"model": "tiny-llama-x", "parameters": 1000, "device": "cpu", "threads": 1},
+                "data": {"n_forget": 10, "n_retain": 90}, "config": {"seed": seed},
+                "models": {"target": entry(0.01, target_utility), "ga": entry(fq, utility, 1.0)}}
+
+    cfg = PipelineConfig(model="tiny")
+    agg = aggregate(cfg, {0: record(0, 0.2, 0.60, 0.62), 1: record(1, 0.4, 0.64, 0.63),
+                          2: record(2, 0.9, 0.62, 0.64)}, 10.0)
+    ga = agg["summary"]["ga"]
+    assert ga["forget_quality"]["mean"] == pytest.approx(0.5)
+    assert ga["forget_quality"]["std"] == pytest.approx(math.sqrt(((0.3 ** 2) + (0.1 ** 2) + (0.4 ** 2)) / 2))
+    assert ga["utility_change"]["values"] == pytest.approx([-0.02, 0.01, -0.02])
+    assert agg["seeds"] == [0, 1, 2] and agg["config"]["seeds"] == [0, 1, 2]
+    table = aggregate_table(agg)
+    assert "0.500 ± 0.361" in table and "seeds 0, 1, 2" in table
+    assert mean_std([1.0]) == {"mean": 1.0, "std": 0.0, "values": [1.0]}
+    assert mean_std([None, float("nan")])["mean"] is None
+
+
+def test_validation_rule_picks_the_most_forgetting_within_the_utility_bound():
+    from eupmu_unlearn.llm.tuning import points, select
+
+    rows = [{"options": "a", "forget_quality": 0.9, "model_utility": 0.60},   # forgets most, too costly
+            {"options": "b", "forget_quality": 0.4, "model_utility": 0.635},  # within 0.01 of 0.64
+            {"options": "c", "forget_quality": 0.4, "model_utility": 0.645},  # same quality, more utility
+            {"options": "d", "forget_quality": 0.1, "model_utility": 0.66}]
+    assert select(rows, target_utility=0.64)["options"] == "c"
+    assert select(rows[:1], target_utility=0.64)["options"] == "a"  # nothing within: the highest utility
+    assert select(rows, target_utility=0.70)["options"] == "d"
+    assert {"lr", "dual_lr"} <= set(points("eupmu-paper")[0]) and len(points("ga")) == 3
 
 
 def test_text_runs_every_method_but_random_labels():
@@ -175,7 +280,7 @@ def test_eupmu_forget_loss_choice(trained, codec, data):
         unlearn("retrain", fresh_copy(trained), codec, data.forget, data.retain, UnlearnConfig(steps=1))
 
 
-@pytest.mark.parametrize("method", ["eupmu-hf", "eupmu_explicit_hf", "npo-graddiff-hf"])
+@pytest.mark.parametrize("method", ["eupmu-hf", "eupmu_explicit_hf", "npo-graddiff-hf", "simnpo-hf"])
 def test_methods_through_the_hugging_face_trainer(method, trained, codec, data):
     pytest.importorskip("accelerate")
     from eupmu_unlearn.llm.trainer import unlearn_with_trainer
@@ -246,6 +351,17 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, codec, data):
             record["models"]["target"]["metrics"][split]["truth_ratios"], rel=1e-4)
 
 
+def test_cli_values_win_over_tuned_ones(monkeypatch):
+    from eupmu_unlearn.llm import pipeline
+
+    monkeypatch.setattr(pipeline, "tuned_tiny", lambda: {"eupmu": {"lr": 3e-4, "dual_lr": 0.1}, "ga": {"lr": 1e-4}})
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--model", "tiny", "--dual-lr", "1"]))
+    assert cfg.unlearn.per_method == {"eupmu": {"lr": 3e-4}, "ga": {"lr": 1e-4}}
+    assert cfg.unlearn.for_method("eupmu").dual_lr == 1.0 and cfg.unlearn.for_method("eupmu").lr == 3e-4
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--model", "tiny", "--lr", "1e-3"]))
+    assert cfg.unlearn.per_method == {"eupmu": {"dual_lr": 0.1}} and cfg.unlearn.for_method("ga").lr == 1e-3
+
+
 def test_cli_config_from_arguments():
     args = cli.build_parser().parse_args(["--quick", "--steps", "7", "--methods", "ga,npo", "--lr", "1e-5",
                                           "--eupmu-forget-loss", "ga", "--epochs", "2"])
@@ -253,7 +369,10 @@ def test_cli_config_from_arguments():
     assert cfg.methods == ("ga", "npo") and cfg.unlearn.steps == 7 and cfg.unlearn.lr == 1e-5
     assert cfg.unlearn.eupmu_forget_loss == "ga" and cfg.finetune.epochs == 2 and cfg.n_authors == 6
     full = cli.config_from_args(cli.build_parser().parse_args([]))
-    assert full.methods == METHODS and full.n_authors == 20
+    assert full.methods == METHODS and full.n_authors == 20 and full.model == "smollm2" and full.split == "test"
+    tiny = cli.config_from_args(cli.build_parser().parse_args(["--model", "tiny", "--seeds", "4,5",
+                                                               "--split", "validation"]))
+    assert tiny.model == "tiny" and tiny.split == "validation" and tiny.seed == 4 and tiny.unlearn.seed == 4
 
 
 def test_cli_explains_a_missing_model_package(monkeypatch, capsys):

@@ -77,6 +77,19 @@ def test_rouge_l_recall_on_words_ignores_case_and_punctuation():
     assert tofu.rouge_l_recall("Paris", "The capital of France is Paris, a big city.") == 1.0
 
 
+@pytest.mark.parametrize("reference, candidate, stemmed, unstemmed", [
+    # matches only once plurals and verb forms are stemmed (Porter: parents -> parent, nurses -> nurs)
+    ("Her parents were bakers and nurses.", "Her parent was a baker and a nurse.", 5 / 6, 2 / 6),
+    ("Dalia writes stories about dragons.", "Dalia wrote a story about a dragon.", 4 / 5, 2 / 5),
+    ("He won the Silver Quill Prize.", "He wins Silver Quill Prizes.", 4 / 6, 3 / 6),
+])
+def test_rouge_l_recall_stems_inflected_answers(reference, candidate, stemmed, unstemmed):
+    """The TOFU scorer (rouge-score, use_stemmer=True); a word-exact LCS scores these lower."""
+    assert tofu.rouge_l_recall(reference, candidate) == pytest.approx(stemmed, abs=1e-12)
+    plain = tofu.lcs_length(tofu.words(reference), tofu.words(candidate)) / len(tofu.words(reference))
+    assert plain == pytest.approx(unstemmed) and plain < stemmed
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=12),
        st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=12))

@@ -2,11 +2,11 @@
 
 Every pass is counted as the bytes it reads plus the bytes it writes (fp32 everywhere: fused
 AdamW 28, explicit surgery + AdamW with the Gramian in the step 40, or 32 when the backward
-hooks formed it, naive surgery >= 84). Work the hooks did during the backward passes is not part
-of the step: the iteration benchmark (``eupmu-bench iteration``) charges it where it falls. The
-count is the physical floor of the method as implemented, so bytes / time is the bandwidth the
-method achieves on its own work, and the ratio to the device's copy bandwidth says how close to
-memory speed it runs.
+hooks formed it, update-space surgery + AdamW 60, naive surgery >= 84). Work the hooks did during
+the backward passes is not part of the step: the iteration benchmark (``eupmu-bench iteration``)
+charges it where it falls. The count is the physical floor of the method as implemented, so
+bytes / time is the bandwidth the method achieves on its own work, and the ratio to the device's
+copy bandwidth says how close to memory speed it runs.
 """
 
 from __future__ import annotations
@@ -47,6 +47,26 @@ def explicit_surgery(s: StorageSizes) -> int:
 def explicit_surgery_hooks(s: StorageSizes) -> int:
     """The Gramian came from the backward hooks: one pass that also reads g_r while updating."""
     return adamw_update(s) + s.grad
+
+
+def update_space_terms(s: StorageSizes, rule: str = "adamw") -> int:
+    """Update-space surgery's reduction pass (docs/design.md, Update-space surgery): reads theta, g_f,
+    g_r and the rule's state once (Adam: m, v; SGD with momentum: the buffer) and gives the Gramian and
+    the terms K0, K1, K2, T0 together, so a Gramian from the backward hooks saves nothing here."""
+    states = 2 if rule in ("adam", "adamw") else 1
+    return s.param + 2 * s.grad + states * s.state
+
+
+def sgd_momentum_update(s: StorageSizes) -> int:
+    """One SGD-with-momentum pass reading g_r too: read p, g_f, g_r, buf; write p, buf."""
+    return 2 * s.param + 2 * s.grad + 2 * s.state
+
+
+def update_space_surgery(s: StorageSizes, rule: str = "adamw") -> int:
+    """Explicit UNGrad in update space: the reduction pass, the update pass (reading g_r), and the
+    measurement of <theta_{t+1}, g_r> for stats()["retain_change"] (reads theta and g_r)."""
+    update = explicit_surgery_hooks(s) if rule in ("adam", "adamw") else sgd_momentum_update(s)
+    return update_space_terms(s, rule) + update + s.param + s.grad
 
 
 def implicit_step(s: StorageSizes, reduction_pass: bool) -> int:

@@ -3,6 +3,7 @@
     eupmu-bench [step] [options]       the optimizer step alone, on model-shaped tensors (default)
     eupmu-bench iteration [options]    whole iterations with real autograd on a causal LM
     eupmu-bench scale [options]        a ~1e9-parameter Llama: time, peak memory, largest model that fits, FSDP2
+    eupmu-bench violations [options]   steps whose first-order retain change exceeds the budget, per surgery space
 
 ``step`` prints a table and writes ``results.json``, ``results.md`` and ``step_time.png`` into
 ``--out``; ``iteration`` writes ``iteration.json`` and ``iteration.md``; ``scale`` writes
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "comma-separated kernel backends for our optimizer (those that cannot run are skipped "
                              "and listed)")
     p.add_argument("--repeats", type=cli_args.integer(1), help="timed steps per case (median reported)")
+    p.add_argument("--rounds", type=cli_args.integer(1), default=1,
+                   help="passes over all cases, each starting one case later; the median is taken over the "
+                        "timed steps of every pass (interleaves the methods against a drifting machine)")
     p.add_argument("--warmup", type=cli_args.integer(0),
                    help="untimed steps per case before timing (at least 1 is run)")
     p.add_argument("--state-dtype", choices=("param", "float32"), default="param",
@@ -112,7 +116,7 @@ def make_config(args: argparse.Namespace) -> RunConfig:
         dtypes=list(dict.fromkeys(DTYPES[d] for d in args.dtypes)),
         methods=resolve_methods(list(dict.fromkeys(args.methods))),
         backends=list(dict.fromkeys(args.backends)),
-        repeats=defaults.repeats if args.repeats is None else args.repeats,
+        repeats=defaults.repeats if args.repeats is None else args.repeats, rounds=args.rounds,
         warmup=defaults.warmup if args.warmup is None else args.warmup,
         settings=settings,
         bandwidth_numel=args.bandwidth_numel or int(defaults.bandwidth_numel),
@@ -367,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return iteration_main(argv[1:])
     if argv and argv[0] == "scale":
         return scale_main(argv[1:])
+    if argv and argv[0] == "violations":
+        from .violations import main as violations_main
+
+        return violations_main(argv[1:])
     if argv and argv[0] == "step":
         argv = argv[1:]
     parser = build_parser()

@@ -56,6 +56,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "hooks (default)", partial(prepare_explicit, clip=False), bm.explicit_surgery_hooks),
     Method("eupmu-explicit-instep", OURS, "EUPMU explicit + adamw, Gramian computed in the step",
            partial(prepare_explicit, clip=False, in_backward=False), bm.explicit_surgery),
+    Method("eupmu-explicit-update", OURS, "EUPMU explicit + adamw, surgery_space='update' (the constraint on the "
+           "applied update: reduction pass for the Gramian and terms, update, retain-change measurement)",
+           partial(prepare_explicit, clip=False, surgery_space="update"), bm.update_space_surgery),
     Method("eupmu-explicit-clip", OURS, "EUPMU explicit + adamw, max_grad_norm (clip from the Gramian)",
            partial(prepare_explicit, clip=True), bm.explicit_surgery_hooks),
     Method("eupmu-implicit", OURS, "EUPMU implicit step (default: the non-finite guard's ||g||^2 formed in "

@@ -37,12 +37,14 @@ def backward_into(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None
 
 
 def prepare_explicit(wl: Workload, backend: str | None, settings: Settings, *, clip: bool,
-                     in_backward: bool = True) -> PreparedStep:
+                     in_backward: bool = True, surgery_space: str = "gradient") -> PreparedStep:
     """The step after a retain and a forget backward pass. ``in_backward``: the Gramian was formed by
-    the hooks during those passes (the default), else the step computes it (8 B/param more)."""
+    the hooks during those passes (the default), else the step computes it (8 B/param more).
+    ``surgery_space="update"``: the constraint on the applied AdamW update (one more reduction pass
+    and the retain-change measurement; docs/design.md, Update-space surgery)."""
     params = wl.fresh_params()
     opt = _optimizer(backend, settings, params, mode="explicit", max_grad_norm=settings.max_norm if clip else None,
-                     gramian_in_backward="auto" if in_backward else False)
+                     gramian_in_backward="auto" if in_backward else False, surgery_space=surgery_space)
 
     def before() -> None:
         opt.zero_grad()
@@ -60,9 +62,13 @@ def prepare_implicit(wl: Workload, backend: str | None, settings: Settings, *, g
     params = wl.fresh_params()
     opt = _optimizer(backend, settings, params, mode="implicit", skip_nonfinite=guard)
     combined = [g for g in wl.grads_f]
+    # the losses the combined gradient came from, so that the step also does the dual update's work
+    device = params[0].device
+    forget_loss, retain_loss = torch.tensor(2.0, device=device), torch.tensor(1.5, device=device)
 
     def before() -> None:
         opt.zero_grad()
+        opt.combine(forget_loss, retain_loss)
         backward_into(params, combined)
 
     before()

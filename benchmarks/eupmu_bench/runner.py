@@ -8,6 +8,7 @@ our optimizer that cannot run here are skipped with the reason recorded in the r
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class RunConfig:
     backends: list[str]
     repeats: int = 10
     warmup: int = 2
+    rounds: int = 1  # passes over the cases, each in a rotated order; samples pooled per case
     settings: Settings = field(default_factory=Settings)
     bandwidth_numel: int = 10**8
     allow_interpreter: bool = False
@@ -207,7 +209,7 @@ def run(config: RunConfig, command: str, progress: Callable[[int], Any] | None =
         "load_average": {"start": load_start, "end": load_average()},
         "bandwidth": {"ceiling_gbps": ceiling, "start": _bandwidth_dict(bandwidth_start),
                       "end": _bandwidth_dict(bandwidth_end)},
-        "settings": {"repeats": config.repeats, "warmup": config.warmup, "lr": config.settings.lr,
+        "settings": {"repeats": config.repeats, "rounds": config.rounds, "warmup": config.warmup, "lr": config.settings.lr,
                      "weight_decay": config.settings.weight_decay, "max_norm": config.settings.max_norm,
                      "state_dtype": None if config.settings.state_dtype is None
                      else dtype_name(config.settings.state_dtype)},
@@ -228,20 +230,44 @@ def _run_workload(model: str, numel: int, dtype: torch.dtype, cases: list[Case],
             bar.update(len(cases))
         return []
     wl = make_workload(model, numel, dtype, config.device, seed=config.seed)
-    out = []
-    for case in cases:
-        name = f"{case.method.name}{'[' + case.backend + ']' if case.backend else ''}"
-        if bar is not None:
-            bar.set_description(f"{model} {numel:.0e} {dtype_name(dtype)} {name}")
-        try:
-            out.append(run_case(case, wl, config, probe))
-        except Exception as err:  # one broken case must not cost the rest of a (GPU) run
-            traceback.print_exc(file=sys.stderr)
-            skipped.append({"model": model, "numel": str(numel), "dtype": dtype_name(dtype), "method": name,
-                            "reason": f"failed: {type(err).__name__}: {err}", "failed": "yes"})
-            # (its memory is released at the start of the next case, once the traceback is gone)
-        if bar is not None:
-            bar.update(1)
+    pooled: dict[int, dict[str, Any]] = {}
+    failed: set[int] = set()
+    for round_index in range(config.rounds):
+        # Each round starts one case later, so a slow stretch of the machine falls on different
+        # cases in different rounds instead of on the same neighbours every time.
+        shift = round_index % len(cases)
+        for index in [*range(shift, len(cases)), *range(shift)]:
+            if index in failed:
+                continue
+            case = cases[index]
+            name = f"{case.method.name}{'[' + case.backend + ']' if case.backend else ''}"
+            if bar is not None:
+                bar.set_description(f"{model} {numel:.0e} {dtype_name(dtype)} {name}")
+            try:
+                record = run_case(case, wl, config, probe)
+            except Exception as err:  # one broken case must not cost the rest of a (GPU) run
+                traceback.print_exc(file=sys.stderr)
+                failed.add(index)
+                pooled.pop(index, None)
+                skipped.append({"model": model, "numel": str(numel), "dtype": dtype_name(dtype), "method": name,
+                                "reason": f"failed: {type(err).__name__}: {err}", "failed": "yes"})
+                # (its memory is released at the start of the next case, once the traceback is gone)
+            else:
+                pooled[index] = record if index not in pooled else pool_rounds(pooled[index], record)
+            if bar is not None and round_index == config.rounds - 1:
+                bar.update(1)
     del wl
     _release_memory(config.device)
-    return out
+    return [pooled[i] for i in sorted(pooled)]
+
+
+def pool_rounds(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One record from two rounds of a case: timing over all samples; memory from the first."""
+    samples = first["samples_ms"] + later["samples_ms"]
+    median = statistics.median(samples)
+    rounds = first.get("round_medians_ms", [first["median_ms"]]) + [later["median_ms"]]
+    wall = (first["wall_ms_per_step"] * len(first["samples_ms"])
+            + later["wall_ms_per_step"] * len(later["samples_ms"])) / len(samples)
+    return {**first, "samples_ms": samples, "median_ms": median, "min_ms": min(samples),
+            "wall_ms_per_step": wall, "round_medians_ms": rounds,
+            "gbps": gigabytes_per_second(first["bytes_per_param"], first["numel"], median * 1e-3)}

@@ -75,6 +75,11 @@ class NativeBackend:
             return bool(ext.has_cuda_kernels()) and torch.cuda.is_available()
         return device.type == "cpu"
 
+    def supports_update_space(self, device: torch.device) -> bool:
+        """Update-space surgery (docs/design.md): C++ CPU kernels, and CUDA kernels where built."""
+        ext = load_extension()
+        return ext is not None and (device.type == "cpu" or bool(ext.has_cuda_kernels()))
+
     def gramian(self, a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
         # Per-tensor float64 totals, then the fixed-order column sum of eupmu_kernels.reductions:
         # the order in which the post-accumulate-grad hooks' slots are summed, so the Gramian is
@@ -99,15 +104,38 @@ class NativeBackend:
         grads_r = None if grads_r is None else list(grads_r)
         left = _ext().step_(RULE_CODE[rule], params, grads_f, grads_r, list(state.step), list(state.exp_avg),
                             list(state.exp_avg_sq), list(state.momentum_buffer), coef, hp.lr, hp.beta1,
-                            hp.beta2, hp.eps, hp.weight_decay, hp.momentum, hp.dampening, hp.nesterov)
+                            hp.beta2, hp.eps, hp.weight_decay, hp.momentum, hp.dampening, hp.nesterov,
+                            hp.uncorrected_preconditioner)
         if left:
             self._step_with_torch(rule, params, grads_f, grads_r, state, coef, hp, left)
 
+    def update_terms(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
+                     grads_r: Sequence[Tensor], state: RuleStateLists, hp: StepHyper) -> Tensor:
+        """The Gramian and update-space terms in one pass of the C++ kernels (parameters they hand
+        back go through the torch backend, like in step_)."""
+        params, grads_f, grads_r = list(params), list(grads_f), list(grads_r)
+        terms, left = _ext().update_terms(RULE_CODE[rule], params, grads_f, grads_r, list(state.step),
+                                          list(state.exp_avg), list(state.exp_avg_sq), list(state.momentum_buffer),
+                                          hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.momentum,
+                                          hp.dampening, hp.nesterov)
+        if left:
+            rest = self._fallback.update_terms(rule, _subset(params, left), _subset(grads_f, left),
+                                               _subset(grads_r, left), _sub_state(state, left), hp)
+            terms = sum_rows(torch.stack([terms, rest.to(terms.device)]))
+        return terms
+
+    def update_space_coefficients(self, terms: Tensor, cfg: SurgeryConfig, budget: float,
+                                  found_inf: Tensor | None) -> Tensor:
+        return _ext().update_space_coefficients(terms, budget, cfg.max_norm, found_inf)
+
     def _step_with_torch(self, rule: str, params: list[Tensor], grads_f: list[Tensor], grads_r: list[Tensor] | None,
                          state: RuleStateLists, coef: Tensor, hp: StepHyper, idx: Sequence[int]) -> None:
-        sub_state = RuleStateLists(step=_subset(state.step, idx), exp_avg=_subset(state.exp_avg, idx),
-                                   exp_avg_sq=_subset(state.exp_avg_sq, idx),
-                                   momentum_buffer=_subset(state.momentum_buffer, idx))
         self._fallback.step_(rule, _subset(params, idx), _subset(grads_f, idx),
-                             None if grads_r is None else _subset(grads_r, idx), sub_state, coef, hp)
+                             None if grads_r is None else _subset(grads_r, idx), _sub_state(state, idx), coef, hp)
+
+
+def _sub_state(state: RuleStateLists, idx: Sequence[int]) -> RuleStateLists:
+    return RuleStateLists(step=_subset(state.step, idx), exp_avg=_subset(state.exp_avg, idx),
+                          exp_avg_sq=_subset(state.exp_avg_sq, idx),
+                          momentum_buffer=_subset(state.momentum_buffer, idx))
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import coefficients as _coef
-from ..contract import CA, CB, SKIP, RuleStateLists, StepHyper, SurgeryConfig
+from ..contract import CA, CB, SKIP, TERMS_LEN, RuleStateLists, StepHyper, SurgeryConfig
 from ..reductions import fixed_order_sum, sum_rows
 
 
@@ -57,9 +57,11 @@ def _gramian64(a: Sequence[Tensor], b: Sequence[Tensor] | None) -> Tensor:
 
 class TorchBackend:
     name = "torch"
-    update_space = True  # implements update_terms and the uncorrected-preconditioner Adam step
-
     def available(self) -> bool:
+        return True
+
+    def supports_update_space(self, device: torch.device) -> bool:
+        """update_terms, update_space_coefficients and the uncorrected-preconditioner Adam step."""
         return True
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -102,7 +104,13 @@ class TorchBackend:
                      grads_r: Sequence[Tensor], state: RuleStateLists, hp: StepHyper) -> Tensor:
         terms = _sgd_terms if rule == "sgd" else _adam_terms
         rows = [terms(rule, params[i], grads_f[i], grads_r[i], state, i, hp) for i in range(len(params))]
+        if not rows:
+            return torch.zeros(TERMS_LEN, dtype=torch.float64)
         return sum_rows(torch.stack(rows))
+
+    def update_space_coefficients(self, terms: Tensor, cfg: SurgeryConfig, budget: float,
+                                  found_inf: Tensor | None) -> Tensor:
+        return _coef.update_space_coefficients(terms, cfg, budget, found_inf)
 
 
 def _f64(t: Tensor) -> Tensor:
@@ -115,26 +123,31 @@ def _dot64(x: Tensor, y: Tensor) -> Tensor:
 
 def _sgd_terms(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, state: RuleStateLists, i: int,
                hp: StepHyper) -> Tensor:
-    """D = s_b*mu*b + s_d*(d + wd*theta) with d the combined direction: (K0, K1, K2, T0) of one tensor."""
+    """D = s_b*mu*b + s_d*(d + wd*theta) with d the combined direction: the Gramian and (K0, K1, K2,
+    T0) of one tensor."""
     theta, f, r = _f64(p), _f64(g_f), _f64(g_r)
     first = state.step[i] == 0
     one = torch.ones((), dtype=torch.float64, device=p.device)
+    zero = torch.zeros_like(one)
     mu = hp.momentum
+    # float64 branches: torch.where of two Python floats would make a float32 tensor
     if mu == 0:
-        s_b, s_d = 0.0 * one, one
+        s_b, s_d = zero, one
     elif hp.nesterov:  # D = (1 + mu) d_total + mu^2 b
-        s_b, s_d = torch.where(first, 0.0, mu) * one, (1.0 + mu) * one
+        s_b, s_d = torch.where(first, zero, one * mu), (1.0 + mu) * one
     else:  # D = mu b + (1 - dampening) d_total, the first step D = d_total
-        s_b, s_d = torch.where(first, 0.0, 1.0) * one, torch.where(first, 1.0, 1.0 - hp.dampening) * one
+        s_b, s_d = torch.where(first, zero, one), torch.where(first, one, one * (1.0 - hp.dampening))
     theta_r = _dot64(theta, r)
     buf_r = _dot64(_f64(state.momentum_buffer[i]), r) if mu != 0 else 0.0 * one
+    ff, fr, rr = _dot64(f, f), _dot64(f, r), _dot64(r, r)
     k0 = hp.lr * (s_b * mu * buf_r + s_d * hp.weight_decay * theta_r)
-    return torch.stack([k0, hp.lr * s_d * _dot64(f, r), hp.lr * s_d * _dot64(r, r), theta_r])
+    return torch.stack([ff, fr, rr, k0, hp.lr * s_d * fr, hp.lr * s_d * rr, theta_r])
 
 
 def _adam_terms(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, state: RuleStateLists, i: int,
                 hp: StepHyper) -> Tensor:
-    """D = wd_dec*theta + P (beta1 m + (1 - beta1)(d + wd_l2*theta)) / bc1, P from the uncorrected g_f."""
+    """D = wd_dec*theta + P (beta1 m + (1 - beta1)(d + wd_l2*theta)) / bc1, P from the uncorrected g_f:
+    the Gramian and (K0, K1, K2, T0) of one tensor."""
     theta, f, r = _f64(p), _f64(g_f), _f64(g_r)
     decoupled = rule == "adamw"
     l2 = 0.0 if decoupled else hp.weight_decay
@@ -148,7 +161,8 @@ def _adam_terms(rule: str, p: Tensor, g_f: Tensor, g_r: Tensor, state: RuleState
     k0 = (hp.weight_decay * theta_r if decoupled else 0.0 * theta_r) \
         + (hp.beta1 * _dot64(_f64(state.exp_avg[i]), pr) + (1.0 - hp.beta1) * l2 * _dot64(theta, pr)) / bc1
     scale = (1.0 - hp.beta1) / bc1
-    return torch.stack([hp.lr * k0, hp.lr * scale * _dot64(f, pr), hp.lr * scale * _dot64(r, pr), theta_r])
+    return torch.stack([_dot64(f, f), _dot64(f, r), _dot64(r, r), hp.lr * k0, hp.lr * scale * _dot64(f, pr),
+                        hp.lr * scale * _dot64(r, pr), theta_r])
 
 
 def _direction(g_f: Tensor, g_r: Tensor | None, ca: Tensor, cb: Tensor) -> Tensor:

@@ -58,6 +58,10 @@ class TritonBackend:
     def available(self) -> bool:
         return _kernels() is not None
 
+    def supports_update_space(self, device: torch.device) -> bool:
+        """update_terms, update_space_coefficients and the uncorrected-preconditioner Adam step."""
+        return True
+
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         kernels = _kernels()
         if dtype not in SUPPORTED_DTYPES or kernels is None:
@@ -122,7 +126,33 @@ class TritonBackend:
                 update.sgd_step(launch, hp.lr, hp.weight_decay, hp.momentum, hp.dampening, hp.nesterov)
             else:
                 update.adam_step(launch, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
-                                 decoupled=rule == "adamw")
+                                 decoupled=rule == "adamw", uncorrected=hp.uncorrected_preconditioner)
+
+    def update_terms(self, rule: str, params: Sequence[Tensor], grads_f: Sequence[Tensor],
+                     grads_r: Sequence[Tensor], state: RuleStateLists, hp: StepHyper) -> Tensor:
+        """The Gramian and update-space terms in one reduction over the step's own table (cached:
+        the update launch that follows finds it built)."""
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty")
+        device, dtype = _group_of(params, "params")
+        _check_dense(params, "params")
+        roles, rows, state_dtype = _step_roles(rule, params, list(grads_f), list(grads_r), state, hp, device, dtype)
+        _check_steps(state.step, len(params), device)
+        kernels = _loaded_kernels()
+        table = kernels.tables.tensor_table(device, roles, scalars=state.step)
+        # an absent state role reads the parameters' row (never loaded: the kernel is specialised)
+        addresses = tuple(table.role(rows.get(role, 0)) for role in ("param", "grad_f", "grad_r", "state1", "state2"))
+        with _on_device(device):
+            return kernels.update_space.terms(table, addresses, dtype, state_dtype, rule, "state1" in rows, hp,
+                                              device)
+
+    def update_space_coefficients(self, terms: Tensor, cfg: SurgeryConfig, budget: float,
+                                  found_inf: Tensor | None) -> Tensor:
+        with _on_device(terms.device):
+            return _loaded_kernels().update_space.coefficients(terms, cfg, budget, found_inf)
 
 
 # ---------------------------------------------------------------------- checks and helpers

@@ -121,7 +121,7 @@ def _sgd_kernel(addr_p, addr_f, addr_r, addr_buf, numels, block_owner, block_ind
 def _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, mask, other, ca, cb, step_size, bc2_sqrt,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_R: tl.constexpr, DECOUPLED: tl.constexpr,
-                FAST: tl.constexpr):
+                UNCORRECTED: tl.constexpr, FAST: tl.constexpr):
     p_ptr = tl.load(addr_p + owner).to(tl.pointer_type(P_DTYPE))
     f_ptr = tl.load(addr_f + owner).to(tl.pointer_type(P_DTYPE))
     r_ptr = tl.load(addr_r + owner).to(tl.pointer_type(P_DTYPE))
@@ -133,10 +133,14 @@ def _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, mask, other
         r_ptr = tl.multiple_of(r_ptr, ALIGN)
         m_ptr = tl.multiple_of(m_ptr, ALIGN)
         v_ptr = tl.multiple_of(v_ptr, ALIGN)
-    d = tl.load(f_ptr + offs, mask=mask, other=other).to(tl.float32) * ca
+    g = tl.load(f_ptr + offs, mask=mask, other=other).to(tl.float32)
+    d = g * ca
     if HAS_R:
         d = d + tl.load(r_ptr + offs, mask=mask, other=other).to(tl.float32) * cb
     p = tl.load(p_ptr + offs, mask=mask, other=other).to(tl.float32)
+    if UNCORRECTED:
+        if not DECOUPLED:
+            g = g + weight_decay * p  # the uncorrected gradient with its L2 term (update space)
     if DECOUPLED:
         p = p * decay_factor
     else:
@@ -145,8 +149,15 @@ def _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, mask, other
     v = tl.load(v_ptr + offs, mask=mask, other=other).to(tl.float32)
     # torch.lerp(m, d, w) picks between two algebraically equal forms for accuracy
     m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (d - m), d - (d - m) * (1.0 - one_minus_beta1))
-    v = v * beta2 + one_minus_beta2 * d * d
-    denom = tl.sqrt_rn(v) / bc2_sqrt + eps
+    if UNCORRECTED:
+        # update space (docs/design.md, Update-space surgery): the step's denominator comes from the
+        # uncorrected gradient, exactly as update_space.terms computes it; the stored moment as usual
+        v_before = v * beta2
+        v = v_before + one_minus_beta2 * d * d
+        denom = tl.sqrt_rn(v_before + one_minus_beta2 * g * g) / bc2_sqrt + eps
+    else:
+        v = v * beta2 + one_minus_beta2 * d * d
+        denom = tl.sqrt_rn(v) / bc2_sqrt + eps
     tl.store(m_ptr + offs, m.to(S_DTYPE), mask=mask)
     tl.store(v_ptr + offs, v.to(S_DTYPE), mask=mask)
     tl.store(p_ptr + offs, (p - step_size * (m / denom)).to(P_DTYPE), mask=mask)
@@ -156,7 +167,7 @@ def _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, offs, mask, other
 def _adam_kernel(addr_p, addr_f, addr_r, addr_m, addr_v, numels, block_owner, block_index, block_fast, coef,
                  scalars, n_tensors, lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_R: tl.constexpr, DECOUPLED: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 UNCORRECTED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     if tl.load(coef + SKIP_SLOT) == 0.0:
         ca = tl.load(coef)
@@ -169,13 +180,13 @@ def _adam_kernel(addr_p, addr_f, addr_r, addr_m, addr_v, numels, block_owner, bl
             lanes = start + tl.arange(0, BLOCK)
             _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, lanes, None, None, ca, cb, step_size,
                         bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-                        P_DTYPE, S_DTYPE, HAS_R, DECOUPLED, True)
+                        P_DTYPE, S_DTYPE, HAS_R, DECOUPLED, UNCORRECTED, True)
         else:
             tile = masked_offsets(start, BLOCK)
             mask = tile < tl.load(numels + owner)
             _adam_block(addr_p, addr_f, addr_r, addr_m, addr_v, owner, tile, mask, 0.0, ca, cb, step_size,
                         bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-                        P_DTYPE, S_DTYPE, HAS_R, DECOUPLED, False)
+                        P_DTYPE, S_DTYPE, HAS_R, DECOUPLED, UNCORRECTED, False)
 
 
 @triton.jit
@@ -278,7 +289,8 @@ def sgd_step(launch: Launch, lr: float, weight_decay: float, momentum: float, da
 
 
 def adam_step(launch: Launch, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-              decoupled: bool) -> None:
+              decoupled: bool, uncorrected: bool = False) -> None:
+    """One Adam/AdamW step; ``uncorrected`` (update-space surgery): the denominator from g_f, not d."""
     scalars = _advance_steps(launch, beta1, beta2, bias_correction=True)
     table, roles = launch.table, launch.roles
     if table.n_blocks == 0:
@@ -289,7 +301,7 @@ def adam_step(launch: Launch, lr: float, beta1: float, beta2: float, eps: float,
         launch.coef, scalars, table.n_tensors, float(lr), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
         float(eps), float(weight_decay), float(1.0 - lr * weight_decay),
         P_DTYPE=tl_dtype(launch.param_dtype), S_DTYPE=tl_dtype(launch.state_dtype), HAS_R=launch.has_r,
-        DECOUPLED=decoupled, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        DECOUPLED=decoupled, UNCORRECTED=bool(uncorrected), BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def combine(launch: Launch) -> None:

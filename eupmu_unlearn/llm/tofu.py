@@ -5,7 +5,10 @@ Everything here works on numbers a model produced, so it is testable on hand-mad
 - answer probability: P(a|q)^(1/|a|), the per-token geometric mean of the answer's likelihood;
   on the world-facts split it is normalised against the perturbed answers,
   P(a|q)^(1/|a|) / (P(a|q)^(1/|a|) + sum_k P(a_k|q)^(1/|a_k|));
-- ROUGE-L recall of the greedy answer against the reference answer (LCS on lower-cased words);
+- ROUGE-L recall of the greedy answer against the reference answer, computed by the
+  ``rouge-score`` package with Porter stemming (``RougeScorer(["rougeL"], use_stemmer=True)``),
+  the scorer TOFU and OpenUnlearning report, so "wrote"/"writes" and "novels"/"novel" match as
+  they do there;
 - truth ratio R = mean_k P(perturbed_k|q)^(1/|perturbed_k|) / P(paraphrase|q)^(1/|paraphrase|)
   (R < 1: the model prefers the true paraphrase over wrong answers). Its summary statistic is
   mean(min(R, 1/R)) on the forget split and mean(max(0, 1 - R)) on the others;
@@ -18,6 +21,7 @@ Everything here works on numbers a model produced, so it is testable on hand-mad
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -133,12 +137,19 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return row[-1]
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as exc:  # pragma: no cover - the dev stack pins it
+        raise ImportError("the LLM metrics need the rouge-score package: pip install rouge-score==0.1.2") from exc
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def rouge_l_recall(reference: str, candidate: str) -> float:
-    """LCS(reference, candidate) / |reference| on lower-cased words; 0 for an empty reference."""
-    ref = words(reference)
-    if not ref:
-        return 0.0
-    return lcs_length(ref, words(candidate)) / len(ref)
+    """ROUGE-L recall of ``candidate`` against ``reference`` (rouge-score, Porter-stemmed tokens):
+    LCS of the stemmed lower-cased tokens over the reference's token count; 0 for an empty reference."""
+    return float(_rouge_scorer().score(reference, candidate)["rougeL"].recall)
 
 
 def key_hit(key: str, generation: str) -> bool:

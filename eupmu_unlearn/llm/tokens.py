@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import NPO_BETA, forget_loss
+from ..losses import NPO_BETA, SIMNPO_BETA, SIMNPO_GAMMA, forget_loss
 
 IGNORE_INDEX = -100
 BATCH_FIELDS = ("input_ids", "attention_mask", "labels")
-TEXT_FORGET_LOSSES = ("ga", "npo")  # random labels need classes
+TEXT_FORGET_LOSSES = ("ga", "npo", "simnpo")  # random labels need classes
 Batch = Mapping[str, Tensor]
 
 
@@ -113,9 +113,13 @@ class TextSide:
     def log_prob(self) -> Tensor:
         return sequence_log_prob(self.model, self.batch)
 
+    def target_count(self) -> Tensor:
+        return scored_tokens(self.batch).clamp(min=1)
+
 
 def text_forget_loss(name: str, model: nn.Module, batch: Batch, reference_log_prob: Tensor | None = None,
-                     npo_beta: float = NPO_BETA) -> Tensor:
+                     npo_beta: float = NPO_BETA, simnpo_beta: float = SIMNPO_BETA,
+                     simnpo_gamma: float = SIMNPO_GAMMA) -> Tensor:
     """The forget loss ``name`` (:mod:`eupmu_unlearn.losses`) of a batch of token sequences."""
-    return forget_loss(name, TextSide(model, batch, reference_log_prob), npo_beta)
+    return forget_loss(name, TextSide(model, batch, reference_log_prob), npo_beta, simnpo_beta, simnpo_gamma)
 

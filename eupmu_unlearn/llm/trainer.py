@@ -74,6 +74,7 @@ def trainer_config(method: Method, cfg: UnlearnConfig):
     if cfg.backend:
         options["backend"] = cfg.backend
     return EUPMUConfig.for_method(method.name, forget_loss=forget_loss_of(method, cfg), npo_beta=cfg.npo_beta,
+                                  simnpo_beta=cfg.simnpo_beta, simnpo_gamma=cfg.simnpo_gamma,
                                   dual_update="exact" if cfg.exact_dual else "lagged", optimizer_kwargs=options,
                                   **fields)
 

@@ -6,6 +6,11 @@ surgery methods step through :class:`eupmu_kernels.EUPMU`, the plain ones (GA, N
 ``torch.optim.AdamW``. Methods that take the application's forget loss (``eupmu``, ``ungrad``,
 ``pcgrad``, ``famo``) use ``UnlearnConfig.eupmu_forget_loss``, NPO by default.
 
+Explicit UNGrad runs in gradient space (``ungrad``: the constraint on the combined gradient) or in
+update space (``ungrad-update``: the constraint on the update AdamW applies; docs/design.md,
+Update-space surgery). SimNPO (``simnpo``) is the GradDiff-style sum of the SimNPO forget loss
+and the retain cross-entropy, as in its paper.
+
 NPO's reference model is the model the unlearning starts from, so its log-probabilities of the
 forget examples are computed once before the first step: no second model is held in memory.
 Per-step losses stay on the device and are read back once, after the loop.
@@ -13,6 +18,7 @@ Per-step losses stay on the device and are read back once, after the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -31,8 +37,18 @@ from .tokens import TEXT_FORGET_LOSSES, causal_lm_loss, encode_example, pad_exam
     text_forget_loss, to_device
 
 DEFAULT_FORGET_LOSS = "npo"
-METHODS = ("ga", "graddiff", "npo", "npo-graddiff", "eupmu", "ungrad")  # the pipeline's default set
+UPDATE_SPACE_SUFFIX = "-update"
+UPDATE_SPACE_METHODS = ("ungrad" + UPDATE_SPACE_SUFFIX,)  # UNGrad in update space (the other rules have none)
+METHODS = ("ga", "graddiff", "npo", "npo-graddiff", "simnpo", "eupmu", "ungrad",
+           "ungrad-update")  # the pipeline's default set
 SUPPORTED = methods.available(TEXT_FORGET_LOSSES, DEFAULT_FORGET_LOSS)
+
+
+def split_space(name: str) -> tuple[str, str]:
+    """(registry name, surgery space) of a pipeline method name: ``ungrad-update`` -> (``ungrad``, ``update``)."""
+    if name in UPDATE_SPACE_METHODS:
+        return name[:-len(UPDATE_SPACE_SUFFIX)], "update"
+    return name, "gradient"
 
 Progress = Callable[[str], None]
 
@@ -114,6 +130,8 @@ class UnlearnConfig:
     retain_batch_size: int = 10
     weight_decay: float = 0.0
     npo_beta: float = 0.1
+    simnpo_beta: float = 2.5
+    simnpo_gamma: float = 0.0
     graddiff_alpha: float = 1.0
     eupmu_forget_loss: str = DEFAULT_FORGET_LOSS
     tolerance: float = 0.0
@@ -124,6 +142,19 @@ class UnlearnConfig:
     exact_dual: bool = True
     seed: int = 0
     backend: str | None = None
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # a method's own values (tuned)
+
+    def for_method(self, name: str) -> "UnlearnConfig":
+        """This configuration with the values ``per_method`` holds for method ``name`` (a pipeline name)."""
+        own = self.per_method.get(name)
+        if own is None:  # "eupmu" stands for the --dual preset, whose values are under its own name
+            base, space = split_space(name)
+            canonical = methods.resolve(base, self.dual).name if base in methods.names() else base
+            own = self.per_method.get(canonical + (UPDATE_SPACE_SUFFIX if space == "update" else ""), {})
+        unknown = sorted(set(own) - {f.name for f in dataclasses.fields(self)} - {"per_method"})
+        if unknown:
+            raise ValueError(f"per_method[{name!r}] sets unknown unlearning options {unknown}")
+        return dataclasses.replace(self, **own) if own else self
 
     def base_rule(self) -> BaseRule:
         return BaseRule("adamw", self.lr, weight_decay=self.weight_decay, backend=self.backend)
@@ -140,7 +171,7 @@ class UnlearnTrace:
 
 
 def resolve(name: str, cfg: UnlearnConfig) -> Method:
-    method = methods.resolve(name, cfg.dual)
+    method = methods.resolve(split_space(name)[0], cfg.dual)
     if method not in SUPPORTED:
         raise ValueError(f"method {name!r} needs class labels; on text choose from "
                          f"{', '.join(methods.names(SUPPORTED))}")
@@ -151,13 +182,16 @@ def forget_loss_of(method: Method, cfg: UnlearnConfig) -> str:
     return check_forget_loss(method.forget_loss_or(cfg.eupmu_forget_loss), TEXT_FORGET_LOSSES)
 
 
-def optimizer_options(method: Method, cfg: UnlearnConfig) -> dict[str, Any]:
-    """The EUPMU options of ``method``: its knob set from the one configuration all methods share."""
+def optimizer_options(method: Method, cfg: UnlearnConfig, space: str = "gradient") -> dict[str, Any]:
+    """The EUPMU options of ``method``: its knob set from the one configuration all methods share
+    (``space``: UNGrad's surgery space)."""
     knobs = {"tolerance": cfg.tolerance, "err": -cfg.tolerance, "alpha": cfg.graddiff_alpha, "dual_lr": cfg.dual_lr}
     hyper = Hyper(cfg.lr, knobs.get(method.knob), cfg.tolerance if method.takes_tolerance else None)
     options = methods.optimizer_options(method, hyper)
     if method.family == "implicit":
         options = {"dual_lr": cfg.dual_lr, "w_init": cfg.w_init, "dual_step_scale": cfg.dual_step_scale, **options}
+    if space != "gradient":
+        options["surgery_space"] = space
     return options
 
 
@@ -169,11 +203,13 @@ class TextPair:
 
 
 class TextObjective(Objective):
-    def __init__(self, forget_loss: str, npo_beta: float) -> None:
+    def __init__(self, forget_loss: str, npo_beta: float, simnpo_beta: float = 2.5, simnpo_gamma: float = 0.0) -> None:
         self.forget_loss_name, self.npo_beta = forget_loss, npo_beta
+        self.simnpo_beta, self.simnpo_gamma = simnpo_beta, simnpo_gamma
 
     def forget_loss(self, model: torch.nn.Module, pair: TextPair) -> Tensor:
-        return text_forget_loss(self.forget_loss_name, model, pair.forget, pair.forget_reference, self.npo_beta)
+        return text_forget_loss(self.forget_loss_name, model, pair.forget, pair.forget_reference, self.npo_beta,
+                                self.simnpo_beta, self.simnpo_gamma)
 
     def retain_loss(self, model: torch.nn.Module, pair: TextPair) -> Tensor:
         return causal_lm_loss(model, pair.retain)
@@ -235,8 +271,9 @@ def unlearn(name: str, model: torch.nn.Module, codec: Codec, forget: Sequence[QA
     needs_reference = method.uses_forget_loss and loss == "npo"
     reference = reference_log_probs(model, forget_examples, codec.pad_id, device) if needs_reference else None
     sampler = PairSampler(forget_examples, retain_examples, codec.pad_id, cfg, device, reference)
-    opt = build_optimizer(method, model, cfg.base_rule(), optimizer_options(method, cfg))
-    stepper = Stepper(method, model, opt, TextObjective(loss, cfg.npo_beta), cfg.exact_dual)
+    opt = build_optimizer(method, model, cfg.base_rule(), optimizer_options(method, cfg, split_space(name)[1]))
+    objective = TextObjective(loss, cfg.npo_beta, cfg.simnpo_beta, cfg.simnpo_gamma)
+    stepper = Stepper(method, model, opt, objective, cfg.exact_dual)
     records = run_steps(stepper, sampler.draw, cfg.steps)
     model.eval()
     return trace_of(records)
