@@ -149,13 +149,8 @@ pybind11::dict contract_codes() {
   slots["cos"] = kCos;
   slots["dnorm"] = kDnorm;
   slots["a"] = kA;
-  methods["ungrad"] = static_cast<int>(kMethodUngrad);
-  methods["pcgrad"] = static_cast<int>(kMethodPcgrad);
-  methods["graddiff"] = static_cast<int>(kMethodGraddiff);
-  methods["none"] = static_cast<int>(kMethodNone);
-  rules["sgd"] = static_cast<int>(kRuleSgd);
-  rules["adam"] = static_cast<int>(kRuleAdam);
-  rules["adamw"] = static_cast<int>(kRuleAdamw);
+  for (int code = 0; code < kMethodCount; ++code) methods[kMethodNames[code]] = code;
+  for (int code = 0; code < kRuleCount; ++code) rules[kRuleNames[code]] = code;
   out["coef_len"] = kCoefLen;
   out["slots"] = slots;
   out["clip_eps"] = kClipEps;

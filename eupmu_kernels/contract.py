@@ -190,7 +190,12 @@ def c_header() -> str:
     method_list = ", ".join(f"kMethod{_camel(n)} = {c}" for n, c in methods.items())
     rule_list = ", ".join(f"kRule{_camel(n)} = {c}" for n, c in rules.items())
     lines += [f"enum Method : int {{ {method_list} }};", f"constexpr int kMethodCount = {len(methods)};",
-              f"enum Rule : int {{ {rule_list} }};", f"constexpr int kRuleCount = {len(rules)};", "",
+              f"enum Rule : int {{ {rule_list} }};", f"constexpr int kRuleCount = {len(rules)};", ""]
+    # the names in code order, so that the bindings report the codes without a list of their own
+    method_names = ", ".join(f'"{n}"' for n in sorted(methods, key=methods.get))
+    rule_names = ", ".join(f'"{n}"' for n in sorted(rules, key=rules.get))
+    lines += [f"constexpr const char* kMethodNames[kMethodCount] = {{{method_names}}};",
+              f"constexpr const char* kRuleNames[kRuleCount] = {{{rule_names}}};", "",
               "}  // namespace eupmu", ""]
     return "\n".join(lines)
 

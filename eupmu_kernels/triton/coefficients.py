@@ -14,6 +14,8 @@ unrounded.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -21,12 +23,21 @@ from torch import Tensor
 
 from ..contract import COEF_LEN, SurgeryConfig, surgery_codes
 from ..contract import CLIP_EPS
+from ..surgery import SURGERY_RULES, SurgeryRule
 from .common import DBL_MAX, FLT_MAX, aligned
 
 METHOD_CODE = surgery_codes()
-UNGRAD: tl.constexpr = tl.constexpr(METHOD_CODE["ungrad"])
-PCGRAD: tl.constexpr = tl.constexpr(METHOD_CODE["pcgrad"])
-GRADDIFF: tl.constexpr = tl.constexpr(METHOD_CODE["graddiff"])
+
+
+def _compiled_pair(rule: SurgeryRule) -> triton.JITFunction:
+    """The rule unit's ``pair_triton`` as a Triton function: its module's ``tl`` is bound first."""
+    sys.modules[rule.pair_triton.__module__].tl = tl
+    return triton.jit(rule.pair_triton)
+
+
+# One compiled formula per registered rule: the kernel takes it as a compile-time argument, so a
+# rule added to the registry reaches this stage with no edit here (docs/design.md, Kernel contract).
+PAIR_FNS = {name: _compiled_pair(rule) for name, rule in SURGERY_RULES.items()}
 
 
 @triton.jit
@@ -49,28 +60,8 @@ def _clamp_max1(x):
 
 
 @triton.jit
-def _pair(aa, ab, bb, eps, alpha, METHOD: tl.constexpr):
-    """(a, b) of the rule: d = a*g_f + b*g_r before clipping (METHOD picks one branch at compile time)."""
-    one = tl.full(aa.shape, 1.0, tl.float64)
-    if METHOD == UNGRAD:
-        a = one
-        b = _clamp_min0(_safe_div(-ab - eps, bb))
-    elif METHOD == PCGRAD:
-        conflict = ab < 0.0
-        a = tl.where(conflict, 1.0 - _safe_div(ab, aa), one)
-        b = tl.where(conflict, 1.0 - _safe_div(ab, bb), one)
-    elif METHOD == GRADDIFF:
-        a = one
-        b = one * alpha
-    else:
-        a = one
-        b = one * 0.0
-    return a, b
-
-
-@triton.jit
 def _coefficients_kernel(gram, inv_scale, found_inf, out, eps: tl.float64, alpha: tl.float64,
-                         max_norm: tl.float64, METHOD: tl.constexpr, HAS_INV: tl.constexpr,
+                         max_norm: tl.float64, PAIR: tl.constexpr, HAS_INV: tl.constexpr,
                          HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr, CLIP_EPS: tl.constexpr):
     aa = tl.load(gram)
     ab = tl.load(gram + 1)
@@ -87,7 +78,7 @@ def _coefficients_kernel(gram, inv_scale, found_inf, out, eps: tl.float64, alpha
     if HAS_FOUND_INF:
         skip = skip | (tl.load(found_inf) != 0.0)
 
-    a, b = _pair(aa, ab, bb, eps, alpha, METHOD)
+    a, b = PAIR(aa, ab, bb, eps, alpha)
     dnorm = tl.sqrt(_clamp_min0(a * a * aa + 2.0 * a * b * ab + b * b * bb))
     if HAS_CLIP:
         # tl.full makes the constant in float64 (a bare 1e-6 would be rounded to float32 first)
@@ -126,6 +117,6 @@ def coefficients(gram: Tensor, cfg: SurgeryConfig, inv_scale: Tensor | None, fou
     max_norm = 1.0 if cfg.max_norm is None else float(cfg.max_norm)
     _coefficients_kernel[(1,)](
         gram, inv, inf, out, float(cfg.eps), float(cfg.alpha), max_norm,
-        METHOD=METHOD_CODE[cfg.method], HAS_INV=inv_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        PAIR=PAIR_FNS[cfg.method], HAS_INV=inv_scale is not None, HAS_FOUND_INF=found_inf is not None,
         HAS_CLIP=cfg.max_norm is not None, CLIP_EPS=CLIP_EPS, num_warps=1)
     return out
