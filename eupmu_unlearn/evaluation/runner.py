@@ -32,7 +32,8 @@ from .models import (DEFAULT_ARCHITECTURE, CachedModel, build_model, cache_key, 
 from .selection import ChosenHyper, Selections, choose, selection_key
 from .unlearning import Schedule, unlearn
 
-DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
+DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
+                   "rl", "salun", "ft", "l1-sparse")
 MEMORY_STEPS = 3
 Progress = Callable[[str], None]
 
@@ -42,6 +43,7 @@ class BenchmarkConfig:
     dataset: str = "digits"
     scenario: str = "class"
     forget_class: int = 0
+    subset: int | None = None  # random forgetting: the seed of the forget subset (None: the run's seed)
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = DEFAULT_METHODS
     architecture: str | None = None  # default per dataset
@@ -87,7 +89,8 @@ def prepare_seed(cfg: BenchmarkConfig, seed: int) -> SeedContext:
     """Data, scenario, and the (cached) original and retrained models of one seed."""
     device = torch.device(cfg.device)
     data = load_dataset(cfg.dataset, seed)
-    scenario = make_scenario(data, cfg.scenario, cfg.forget_class, seed)
+    subset = seed if cfg.subset is None else cfg.subset
+    scenario = make_scenario(data, cfg.scenario, cfg.forget_class, subset)
     recipe = default_recipe(cfg.dataset, cfg.arch)
     if cfg.train_epochs is not None:
         recipe = replace(recipe, epochs=cfg.train_epochs)
@@ -100,6 +103,8 @@ def prepare_seed(cfg: BenchmarkConfig, seed: int) -> SeedContext:
     original = load_or_train(cfg.cache_dir, cache_key(role="original", **common), make,
                              lambda m: train_classifier(m, data.train, recipe, seed))
     scenario_fields = dict(scenario=cfg.scenario, forget_class=scenario.forget_class)
+    if cfg.scenario == "random" and subset != seed:  # (runs whose subset is their seed keep their cache keys)
+        scenario_fields["subset"] = subset
     retrained = load_or_train(cfg.cache_dir, cache_key(role="retrain", **common, **scenario_fields), make,
                               lambda m: train_classifier(m, scenario.retain, recipe, seed))
     for cached in (original, retrained):
