@@ -50,6 +50,7 @@ The knob grids and the built-in ``default`` values are the image benchmark's tun
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 FAMILIES = ("implicit", "explicit", "plain")
@@ -71,6 +72,7 @@ class Method:
     takes_tolerance: bool = False  # accepts a tolerance besides its knob (0 unless overridden)
     surgery_space: str = "gradient"  # explicit UNGrad: "gradient" or "update" (EUPMU's surgery_space)
     image_only: bool = False  # offered by the image benchmark only
+    fixed: tuple[tuple[str, Any], ...] = ()  # further EUPMU keyword arguments, the same for every grid point
 
     @property
     def step_knob(self) -> bool:
@@ -167,7 +169,9 @@ class Hyper:
 
 def optimizer_options(method: Method, hyper: Hyper) -> dict[str, float]:
     """The ``EUPMU`` keyword arguments that ``hyper`` sets (the learning rate and length are not among them)."""
-    options = {} if hyper.tolerance is None else {"tolerance": hyper.tolerance}
+    options = dict(method.fixed)
+    if hyper.tolerance is not None:
+        options["tolerance"] = hyper.tolerance
     if hyper.knob is None or method.knob is None or method.step_knob:
         return options
     if method.knob == "err":  # the authors' err demands a retain improvement: tolerance = -err

@@ -66,7 +66,7 @@ def test_suite_dry_run_prints_the_protocol_and_does_no_work(tmp_path, capsys, mo
 def test_tiny_suite_writes_the_run_layout(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     selection = tmp_path / "hparams.json"
-    assert cli.main(["suite", "--tiny", "--methods", "eupmu,salun", "--quiet", "--no-plot", "--out", str(out),
+    assert cli.main(["suite", "--tiny", "--methods", "eupmu,salun,rl", "--quiet", "--no-plot", "--out", str(out),
                      "--cache-dir", str(cache), "--selection-out", str(selection)]) == 0
     record = json.loads((out / "suite_digits_class.json").read_text())
     assert record["config"]["protocol_version"] == 2 and record["protocol"]["note"]
@@ -77,10 +77,11 @@ def test_tiny_suite_writes_the_run_layout(tmp_path, capsys):
         assert len(row["per_seed"]) == 2 and set(row["per_target"]) == {"0", "1"}
         assert row["mean"]["gap"] == pytest.approx(sum(r["gap"] for r in row["per_seed"]) / 2)
         assert len(record["chosen"][name]["folds"]) == 2
+    assert [p["knob"] for p in record["tuning"]["rl"]] == [2, 5, 10]  # one lr (tiny), rl's lengths
     assert record["summary"]["eupmu_default_by_tuning"] == "eupmu-reference"  # the only preset it ran
     assert "| Method" in capsys.readouterr().out
     stored = json.loads(selection.read_text())["selections"]["digits/class/mlp"]
-    assert stored["protocol_version"] == 2 and set(stored["methods"]) == {"eupmu-reference", "salun"}
+    assert stored["protocol_version"] == 2 and set(stored["methods"]) == {"eupmu-reference", "salun", "rl"}
     assert cli.main(["table", str(out / "suite_digits_class.json")]) == 0  # the run layout: table reads it
 
 
@@ -163,3 +164,17 @@ def test_update_space_keeps_the_applied_update_from_raising_the_retain_loss(tmp_
     assert by[("Adam", "gradient")]["violations"] > 0
     text = update_space_module.markdown(rows, 7, 0, 20)
     assert "| base rule" in text and "update" in text
+
+
+@pytest.mark.parametrize("name", ["rl", "pcgrad"])
+def test_a_copy_taken_on_the_way_equals_a_shorter_run(name, learned):
+    """What run_method_lengths relies on: the suite evaluates a length knob on the way of one run."""
+    spec, schedule = methods.resolve(name), unlearning.Schedule(forget_batch=16, retain_batch=32)
+    copies = {}
+    long = copy.deepcopy(learned[0])
+    unlearning.unlearn(spec, methods.Hyper(0.01, 2), long, learned[1], 4, schedule, seed=0,
+                       on_step=lambda k, m: copies.setdefault(k, copy.deepcopy(m)) if k == 7 else None)
+    short = copy.deepcopy(learned[0])
+    unlearning.unlearn(spec, methods.Hyper(0.01, 2), short, learned[1], 4, schedule, seed=0, max_steps=7)
+    assert all(torch.equal(p, q) for p, q in zip(copies[7].parameters(), short.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(long.parameters(), short.parameters()))

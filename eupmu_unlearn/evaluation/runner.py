@@ -30,7 +30,7 @@ from .metrics import UnlearningMetrics, average_gap, evaluate, mean_std, member_
 from .models import (DEFAULT_ARCHITECTURE, CachedModel, build_model, cache_key, default_recipe, load_or_train,
                      train_classifier)
 from .selection import ChosenHyper, Selections, choose, selection_key
-from .unlearning import Schedule, unlearn
+from .unlearning import Schedule, total_steps, unlearn
 
 DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
                    "rl", "salun", "ft", "l1-sparse")
@@ -143,6 +143,35 @@ def run_method(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfi
     if cfg.measure_memory:
         metrics.peak_tensor_mib = _peak_memory(ctx, spec, hyper, cfg)
     return MethodOutcome(metrics, run.per_step, run.trace)
+
+
+def run_method_lengths(ctx: SeedContext, spec: Method, lr: float, lengths: Sequence[float],
+                       cfg: BenchmarkConfig) -> dict[float, UnlearningMetrics]:
+    """A method whose knob is its length (``epochs``) at every length of ``lengths``, from one run of
+    the longest: the model is copied when each shorter length is reached. The batches do not depend
+    on the length and the learning rate is constant, so each copy is the model a separate run of that
+    length ends with. RTE is left unset."""
+    if spec.knob != "epochs":
+        raise ValueError(f"method {spec.name} does not take its length as knob")
+    steps = {k: total_steps(spec, Hyper(lr, k), ctx.scenario, cfg.schedule) for k in lengths}
+    copies: dict[float, nn.Module] = {}
+
+    def keep(step: int, model: nn.Module) -> None:
+        for k, at in steps.items():
+            if at == step:
+                copies[k] = copy.deepcopy(model)
+
+    model = copy.deepcopy(ctx.original.model)
+    unlearn(spec, Hyper(lr, max(lengths)), model, ctx.scenario, ctx.data.num_classes, cfg.schedule, ctx.seed,
+            on_step=keep)
+    out = {}
+    for k in lengths:
+        trained = copies[k]
+        trained.eval()
+        metrics = evaluate(trained, ctx.scenario, ctx.heldout, ctx.members)
+        metrics.gap = average_gap(metrics, ctx.retrain_metrics)
+        out[k] = metrics
+    return out
 
 
 def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfig) -> float | None:

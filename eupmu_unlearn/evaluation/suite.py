@@ -41,7 +41,7 @@ from ..methods import LR_GRID, Hyper, Method, resolve
 from .data import NUM_CLASSES
 from .metrics import GAP_KEYS, mean_std
 from .models import DEFAULT_ARCHITECTURE
-from .runner import BenchmarkConfig, Progress, prepare_seed, run_method
+from .runner import BenchmarkConfig, Progress, prepare_seed, run_method, run_method_lengths
 from .selection import selection_key, store_entry
 from .unlearning import Schedule
 
@@ -203,10 +203,21 @@ def tune(protocol: Protocol, cache_dir: Path | None, device: str = "cpu",
     for name in protocol.methods:
         spec = resolve(name)
         points = []
-        for hyper in protocol.grid(spec):
-            _tell(progress, f"tune {name} lr={hyper.lr:g} {spec.knob}={hyper.knob:g}")
-            runs = {c: _metrics(run_method(prepared[c], spec, hyper, benches[c]).metrics) for c in protocol.tuning}
-            points.append({"lr": hyper.lr, "knob": hyper.knob, "runs": [runs[c] for c in protocol.tuning]})
+        for lr in protocol.lr_grid:
+            if spec.knob == "epochs":  # one run of the longest length, evaluated on the way
+                for _ in spec.knob_grid:
+                    _tell(progress, f"tune {name} lr={lr:g} {spec.knob}={'/'.join(f'{k:g}' for k in spec.knob_grid)}")
+                by_length = {c: run_method_lengths(prepared[c], spec, lr, spec.knob_grid, benches[c])
+                             for c in protocol.tuning}
+                runs = {k: {c: _metrics(by_length[c][k]) for c in protocol.tuning} for k in spec.knob_grid}
+            else:
+                runs = {}
+                for k in spec.knob_grid:
+                    _tell(progress, f"tune {name} lr={lr:g} {spec.knob}={k:g}")
+                    runs[k] = {c: _metrics(run_method(prepared[c], spec, Hyper(lr, k), benches[c]).metrics)
+                               for c in protocol.tuning}
+            for k in spec.knob_grid:
+                points.append({"lr": lr, "knob": k, "runs": [runs[k][c] for c in protocol.tuning]})
         grids[name] = points
     return grids
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -245,8 +246,11 @@ class Tracer:
 
 
 def unlearn(method: Method, hyper: Hyper, model: nn.Module, scenario: Scenario, num_classes: int,
-            schedule: Schedule, seed: int, trace_points: int = 0, max_steps: int | None = None) -> UnlearnRun:
-    """Run one method in place on ``model``; the scenario's tensors must be on the model's device."""
+            schedule: Schedule, seed: int, trace_points: int = 0, max_steps: int | None = None,
+            on_step: Callable[[int, nn.Module], None] | None = None) -> UnlearnRun:
+    """Run one method in place on ``model``; the scenario's tensors must be on the model's device.
+
+    ``on_step(k, model)`` runs after step k (untimed), e.g. to keep a copy of the model there."""
     device = next(model.parameters()).device
     steps = total_steps(method, hyper, scenario, schedule)
     if max_steps is not None:
@@ -260,7 +264,14 @@ def unlearn(method: Method, hyper: Hyper, model: nn.Module, scenario: Scenario, 
     untimed: list[float] = []
     start = time.perf_counter()
     stepper = make_stepper(method, hyper, model, schedule, scenario, steps)  # SalUn's mask is part of its run
-    records = run_steps(stepper, sampler.draw, steps, lambda step: untimed.append(tracer.maybe_record(step, model)))
+    def after(step: int) -> None:
+        untimed.append(tracer.maybe_record(step, model))
+        if on_step is not None:
+            begin = time.perf_counter()
+            on_step(step, model)
+            untimed.append(time.perf_counter() - begin)
+
+    records = run_steps(stepper, sampler.draw, steps, after)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start - sum(untimed)
