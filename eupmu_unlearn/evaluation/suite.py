@@ -288,7 +288,8 @@ def _row(label: str, kind: str, hyper: Any, source: str, runs: Sequence[dict[str
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     """Per method: mean and std of the gap over the reported contexts, the worst target's mean gap;
-    the best method; the EUPMU preset the tuning contexts pick (smallest pooled tuning gap)."""
+    the best method; the EUPMU preset and the surgery space of UNGrad that the tuning contexts pick
+    (smallest pooled tuning gap; the reported runs play no part in either)."""
     rows = {}
     for name, row in record["methods"].items():
         targets = row["per_target"]
@@ -298,7 +299,11 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
     best = min(rows, key=lambda n: rows[n]["gap"])
     presets = [n for n in EUPMU_PRESETS if n in record["chosen"]]
     picked = min(presets, key=lambda n: record["chosen"][n]["pooled"]["val_gap"]) if presets else None
-    return {"methods": rows, "best": best, "eupmu_default_by_tuning": picked}
+    spaces = {"gradient": "ungrad", "update": "ungrad-update"}
+    space = None
+    if all(n in record["chosen"] for n in spaces.values()):
+        space = min(spaces, key=lambda s: record["chosen"][spaces[s]]["pooled"]["val_gap"])
+    return {"methods": rows, "best": best, "eupmu_default_by_tuning": picked, "ungrad_space_by_tuning": space}
 
 
 def run_suite(protocol: Protocol, cache_dir: Path | None, device: str = "cpu",

@@ -17,6 +17,7 @@ retain accuracy after the run.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,6 @@ def _flat(tensors) -> torch.Tensor:
 
 
 def run_one(ctx, rule: dict[str, Any], space: str, steps: int, seed: int) -> dict[str, Any]:
-    import copy
-
     model = copy.deepcopy(ctx.original.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,7 +72,8 @@ def run_one(ctx, rule: dict[str, Any], space: str, steps: int, seed: int) -> dic
             "forget_acc": accuracy(model, ctx.scenario.forget)}
 
 
-def run(forget_class: int = 7, seed: int = 0, steps: int = STEPS, cache_dir: Path | None = None) -> list[dict[str, Any]]:
+def run(forget_class: int = 7, seed: int = 0, steps: int = STEPS,
+        cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """One row per base rule and space."""
     ctx = prepare_seed(BenchmarkConfig(dataset="digits", scenario="class", forget_class=forget_class,
                                        cache_dir=cache_dir, measure_memory=False), seed)
@@ -81,8 +81,9 @@ def run(forget_class: int = 7, seed: int = 0, steps: int = STEPS, cache_dir: Pat
     for label, rule in RULES:
         for space in SPACES:
             rows.append({"rule": label, "lr": rule["lr"], "space": space, **run_one(ctx, rule, space, steps, seed)})
-    rows.append({"rule": "original model", "space": "-", "retain_acc": accuracy(ctx.original.model, ctx.scenario.retain),
-                 "forget_acc": accuracy(ctx.original.model, ctx.scenario.forget)})
+    original = ctx.original.model
+    rows.append({"rule": "original model", "space": "-", "retain_acc": accuracy(original, ctx.scenario.retain),
+                 "forget_acc": accuracy(original, ctx.scenario.forget)})
     return rows
 
 
