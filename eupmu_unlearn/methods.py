@@ -15,6 +15,7 @@ name              family    option     forget loss   knob       notes
 ================  ========  =========  ============  =========  ==================================
 eupmu-paper       implicit  paper      application   dual_lr    projected dual ascent on w
 eupmu-reference   implicit  reference  application   err        the authors' practice: Adam on w
+eupmu-length      implicit  reference  application   epochs     the same with err 0.03, length tuned
 ungrad            explicit  ungrad     application   tolerance  d = g_f + lambda* g_r
 ungrad-update     explicit  ungrad     application   tolerance  <theta_{t+1} - theta_t, g_r> <= lr eps
 pcgrad            explicit  pcgrad     application   epochs
@@ -34,13 +35,16 @@ classes, NPO on text (:mod:`eupmu_unlearn.losses`). ``eupmu`` names the default 
 (``eupmu-reference``, the better one on the end-to-end benchmark). Spellings of earlier versions
 are accepted as aliases (:data:`OLD_SPELLINGS`).
 
-``ungrad-update`` is UNGrad with ``surgery_space="update"``: the constraint holds for the update
-the base rule applies (momentum included), not only for the combined gradient (docs/design.md,
-Update-space surgery); the optimizer offers update space for explicit UNGrad only. ``salun``
+``eupmu-length`` is ``eupmu-reference`` with its err fixed at 0.03 and the run length as its tuned
+knob (5, 10 or 20 passes over the retain set): with the other methods' 5 passes the reference
+dual often stops before the forget set is fully forgotten. ``ungrad-update`` is UNGrad with
+``surgery_space="update"``: the constraint holds for the update the base rule applies (momentum
+included), not only for the combined gradient (docs/design.md, Update-space surgery); the
+optimizer offers update space for explicit UNGrad only. ``salun``
 (SalUn, Fan et al., ICLR 2024) keeps the fraction ``keep`` of the weights with the largest
 forget-loss gradient magnitude and runs RL updates on those weights only; ``l1-sparse`` (Jia et
 al., NeurIPS 2023) fine-tunes on the retain set with an l1 penalty whose coefficient decays
-linearly from ``l1`` to 0 over the run. The three are image-benchmark methods
+linearly from ``l1`` to 0 over the run. These four are image-benchmark methods
 (``image_only``): the LLM pipeline does not offer them.
 
 The knob grids and the built-in ``default`` values are the image benchmark's tuning budget
@@ -98,6 +102,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            (0.001, 1.0), takes_tolerance=True),
     Method("eupmu-reference", "EUPMU (reference dual)", "implicit", "reference", None, "err", (0.01, 0.03, 0.05),
            (0.001, 0.01)),
+    Method("eupmu-length", "EUPMU (reference dual, tuned length)", "implicit", "reference", None, "epochs",
+           (5, 10, 20), (0.001, 10), image_only=True, fixed=(("tolerance", -0.03),)),
     Method("ungrad", "UNGrad (explicit)", "explicit", "ungrad", None, "tolerance", (0.0, 0.1, 1.0), (0.001, 0.0)),
     Method("ungrad-update", "UNGrad (update space)", "explicit", "ungrad", None, "tolerance", (0.0, 0.1, 1.0),
            (0.001, 0.0), surgery_space="update", image_only=True),

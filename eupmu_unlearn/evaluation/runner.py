@@ -32,7 +32,7 @@ from .models import (DEFAULT_ARCHITECTURE, CachedModel, build_model, cache_key, 
 from .selection import ChosenHyper, Selections, choose, selection_key
 from .unlearning import Schedule, total_steps, unlearn
 
-DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
+DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "eupmu-length", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
                    "rl", "salun", "ft", "l1-sparse")
 MEMORY_STEPS = 3
 Progress = Callable[[str], None]

@@ -50,9 +50,9 @@ REPORTED_SEEDS = (0, 1, 2)
 TUNING_SEEDS = (100, 101)
 REPORTED_SUBSETS = (0, 1, 2)
 TUNING_SUBSETS = (100, 101)
-SUITE_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
+SUITE_METHODS = ("eupmu-paper", "eupmu-reference", "eupmu-length", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
                  "rl", "salun", "ft", "l1-sparse")
-EUPMU_PRESETS = ("eupmu-paper", "eupmu-reference")
+EUPMU_PRESETS = ("eupmu-paper", "eupmu-reference", "eupmu-length")
 DEFAULT_SCENARIOS = {"digits": ("class",), "mnist1d": ("class", "random")}
 CRITERION = ("mean over the fold's tuning contexts of the average |metric - retrained| over UA, RA, TA, MIA, "
              "with the validation split in place of the test split")
