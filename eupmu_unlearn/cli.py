@@ -175,6 +175,8 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cache of the trained original and retrained models (default: %(default)s)")
     parser.add_argument("--device", type=cli_args.device(), default="cpu")
     parser.add_argument("--threads", type=cli_args.integer(0), default=1, help=THREADS_HELP)
+    parser.add_argument("--jobs", type=cli_args.integer(1), default=1,
+                        help="worker processes (one thread each) for the tuning and reported runs (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--dry-run", action="store_true",
@@ -367,11 +369,19 @@ def read_records(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> list
 
 def table(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .evaluation.report import markdown_table
+    from .evaluation.suite import combined_table, is_suite_record, markdown_summary
 
-    for record in read_records(args.parser, args.results):
+    records = read_records(args.parser, args.results)
+    for record in records:
         cfg = record["config"]
         print(f"**{cfg['dataset']}, {record['scenario']}, {cfg['architecture']}, seeds {list(cfg['seeds'])}**\n")
         print(markdown_table(record) + "\n")
+        if is_suite_record(record):
+            print(markdown_summary(record) + "\n")
+    suites = [r for r in records if is_suite_record(r)]
+    if len(suites) > 1:
+        print("**protocol v2, every record side by side**\n")
+        print(combined_table(suites) + "\n")
     return 0
 
 
@@ -420,10 +430,9 @@ def suite(args: argparse.Namespace, argv: Sequence[str]) -> int:
         cli_args.check_output_file(parser, "--selection-out", args.selection_out)
     command = " ".join([f"{PROG} suite", *argv[1:]])
     for protocol in protocols:
-        units = sum(protocol.runs()[k] for k in ("tuning_runs", "reported_runs", "contexts"))
-        with torch_threads(args.threads), progress_bar(units, f"suite {protocol.scenario}",
+        with torch_threads(args.threads), progress_bar(protocol.work_units(), f"suite {protocol.scenario}",
                                                        enabled=not args.quiet) as progress:
-            record = suite_module.run_suite(protocol, args.cache_dir, args.device, progress)
+            record = suite_module.run_suite(protocol, args.cache_dir, args.device, progress, args.jobs)
         record["command"] = command
         written = suite_module.write(record, args.out, plot=not args.no_plot)
         print(f"\n{protocol.dataset} / {record['scenario']} / {protocol.architecture}, protocol v2, "

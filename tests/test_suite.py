@@ -82,7 +82,11 @@ def test_tiny_suite_writes_the_run_layout(tmp_path, capsys):
     assert "| Method" in capsys.readouterr().out
     stored = json.loads(selection.read_text())["selections"]["digits/class/mlp"]
     assert stored["protocol_version"] == 2 and set(stored["methods"]) == {"eupmu-reference", "salun", "rl"}
-    assert cli.main(["table", str(out / "suite_digits_class.json")]) == 0  # the run layout: table reads it
+    capsys.readouterr()
+    path = str(out / "suite_digits_class.json")
+    assert cli.main(["table", path, path]) == 0  # the run layout: table reads it, and adds the suite tables
+    shown = capsys.readouterr().out
+    assert "SalUn (`salun`)" in shown and "side by side" in shown and "worst class" in shown
 
 
 # ---------------------------------------------------------------------------------- the new baselines

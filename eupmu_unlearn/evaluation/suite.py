@@ -125,6 +125,10 @@ class Protocol:
         return {"tuning_runs": points * len(self.tuning), "reported_runs": len(self.methods) * len(self.reported),
                 "contexts": len(self.tuning) + len(self.reported)}
 
+    def work_units(self) -> int:
+        """Progress units: the tuning contexts, one per (method, learning rate), the reported contexts."""
+        return len(self.tuning) + len(self.methods) * len(self.lr_grid) + len(self.reported)
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": VERSION, "dataset": self.dataset, "scenario": self.scenario,
                 "architecture": self.architecture,
@@ -191,33 +195,89 @@ def _metrics(outcome_metrics) -> dict[str, float]:
     return {k: round(float(getattr(outcome_metrics, k)), 4) for k in (*GAP_KEYS, "gap")}
 
 
-def tune(protocol: Protocol, cache_dir: Path | None, device: str = "cpu",
-         progress: Progress | None = None) -> dict[str, Any]:
+_PREPARED: dict[tuple[Context, str], Any] = {}  # per process: contexts prepared so far (models come from the cache)
+
+
+def _prepared(protocol: Protocol, context: Context, heldout: str, cache_dir: Path | None, device: str):
+    key = (context, heldout)
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare_seed(_bench(protocol, context, heldout, cache_dir, device), context.seed)
+    return _PREPARED[key]
+
+
+def _tune_item(protocol: Protocol, name: str, lr: float, cache_dir: Path | None,
+               device: str) -> dict[float, list[dict[str, float]]]:
+    """One method at one learning rate on every tuning context: knob value -> metrics per context."""
+    spec = resolve(name)
+    runs: dict[float, list[dict[str, float]]] = {k: [] for k in spec.knob_grid}
+    for c in protocol.tuning:
+        ctx = _prepared(protocol, c, "val", cache_dir, device)
+        bench = _bench(protocol, c, "val", cache_dir, device)
+        if spec.knob == "epochs":  # one run of the longest length, evaluated on the way
+            for k, metrics in run_method_lengths(ctx, spec, lr, spec.knob_grid, bench).items():
+                runs[k].append(_metrics(metrics))
+        else:
+            for k in spec.knob_grid:
+                runs[k].append(_metrics(run_method(ctx, spec, Hyper(lr, k), bench).metrics))
+    return runs
+
+
+def _report_item(protocol: Protocol, context: Context, picks: dict[str, dict[str, Any]], cache_dir: Path | None,
+                 device: str) -> dict[str, dict[str, Any]]:
+    """Every method on one reported context with its fold's choice (and the reference models)."""
+    ctx = _prepared(protocol, context, "test", cache_dir, device)
+    bench = _bench(protocol, context, "test", cache_dir, device)
+    out = {"retrain": ctx.retrain_metrics.to_dict(), "original": ctx.original_metrics.to_dict()}
+    for name in protocol.methods:
+        pick = picks[name]
+        out[name] = run_method(ctx, resolve(name), Hyper(pick["lr"], pick["knob"]), bench).metrics.to_dict()
+    _PREPARED.pop((context, "test"), None)
+    return out
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def _map(jobs: int, function, items: Sequence[tuple], progress: Progress | None, labels: Sequence[str]) -> list:
+    """``function(*item)`` for every item, in order: here, or in ``jobs`` spawned worker processes
+    (each single-threaded; every worker loads the cached models it needs itself)."""
+    if jobs <= 1:
+        results = []
+        for item, label in zip(items, labels):
+            _tell(progress, label)
+            results.append(function(*item))
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(1,)) as pool:
+        futures = [pool.submit(function, *item) for item in items]
+        results = []
+        for future, label in zip(futures, labels):
+            results.append(future.result())
+            _tell(progress, label)
+        return results
+
+
+def tune(protocol: Protocol, cache_dir: Path | None, device: str = "cpu", progress: Progress | None = None,
+         jobs: int = 1) -> dict[str, Any]:
     """Every method's grid on every tuning context: per point, the metrics of each context."""
-    benches = {c: _bench(protocol, c, "val", cache_dir, device) for c in protocol.tuning}
-    prepared = {}
-    for c, bench in benches.items():
+    for c in protocol.tuning:  # trained (and cached) once, here, before any worker needs them
         _tell(progress, f"tuning context {c.describe(protocol.scenario)}: models")
-        prepared[c] = prepare_seed(bench, c.seed)
+        _prepared(protocol, c, "val", cache_dir, device)
+    items = [(protocol, name, lr, cache_dir, device) for name in protocol.methods for lr in protocol.lr_grid]
+    labels = [f"tune {name} lr={lr:g}" for name in protocol.methods for lr in protocol.lr_grid]
+    results = iter(_map(jobs, _tune_item, items, progress, labels))
     grids: dict[str, list[dict[str, Any]]] = {}
     for name in protocol.methods:
-        spec = resolve(name)
         points = []
         for lr in protocol.lr_grid:
-            if spec.knob == "epochs":  # one run of the longest length, evaluated on the way
-                for _ in spec.knob_grid:
-                    _tell(progress, f"tune {name} lr={lr:g} {spec.knob}={'/'.join(f'{k:g}' for k in spec.knob_grid)}")
-                by_length = {c: run_method_lengths(prepared[c], spec, lr, spec.knob_grid, benches[c])
-                             for c in protocol.tuning}
-                runs = {k: {c: _metrics(by_length[c][k]) for c in protocol.tuning} for k in spec.knob_grid}
-            else:
-                runs = {}
-                for k in spec.knob_grid:
-                    _tell(progress, f"tune {name} lr={lr:g} {spec.knob}={k:g}")
-                    runs[k] = {c: _metrics(run_method(prepared[c], spec, Hyper(lr, k), benches[c]).metrics)
-                               for c in protocol.tuning}
-            for k in spec.knob_grid:
-                points.append({"lr": lr, "knob": k, "runs": [runs[k][c] for c in protocol.tuning]})
+            runs = next(results)
+            points.extend({"lr": lr, "knob": k, "runs": runs[k]} for k in resolve(name).knob_grid)
         grids[name] = points
     return grids
 
@@ -239,23 +299,14 @@ def choose(protocol: Protocol, grids: dict[str, list[dict[str, Any]]]) -> dict[s
 
 
 def report(protocol: Protocol, chosen: dict[str, Any], cache_dir: Path | None, device: str = "cpu",
-           progress: Progress | None = None) -> dict[str, Any]:
+           progress: Progress | None = None, jobs: int = 1) -> dict[str, Any]:
     """Every method on every reported context with its fold's choice; the record (module docstring)."""
-    per_context: dict[str, list[dict[str, Any]]] = {name: [] for name in ("retrain", "original", *protocol.methods)}
-    contexts: list[Context] = []
-    for f, fold in enumerate(protocol.folds):
-        for c in fold.reported:
-            _tell(progress, f"report {c.describe(protocol.scenario)}: models")
-            bench = _bench(protocol, c, "test", cache_dir, device)
-            ctx = prepare_seed(bench, c.seed)
-            contexts.append(c)
-            per_context["retrain"].append(ctx.retrain_metrics.to_dict())
-            per_context["original"].append(ctx.original_metrics.to_dict())
-            for name in protocol.methods:
-                _tell(progress, f"report {c.describe(protocol.scenario)}: {name}")
-                pick = chosen[name]["folds"][f]
-                outcome = run_method(ctx, resolve(name), Hyper(pick["lr"], pick["knob"]), bench)
-                per_context[name].append(outcome.metrics.to_dict())
+    contexts = [c for fold in protocol.folds for c in fold.reported]
+    items = [(protocol, c, {name: chosen[name]["folds"][f] for name in protocol.methods}, cache_dir, device)
+             for f, fold in enumerate(protocol.folds) for c in fold.reported]
+    labels = [f"report {c.describe(protocol.scenario)}" for c in contexts]
+    results = _map(jobs, _report_item, items, progress, labels)
+    per_context = {name: [r[name] for r in results] for name in ("retrain", "original", *protocol.methods)}
     scenario = protocol.scenario
     reference = {"retrain": _row("Retrain (gold standard)", "reference", None, "", per_context["retrain"]),
                  "original": _row("Original (no unlearning)", "reference", None, "", per_context["original"])}
@@ -307,15 +358,17 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_suite(protocol: Protocol, cache_dir: Path | None, device: str = "cpu",
-              progress: Progress | None = None) -> dict[str, Any]:
+              progress: Progress | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Tune, choose, report; ``jobs`` > 1 spreads the work over that many worker processes (the
+    models are trained and cached first, so workers only load them)."""
     start = time.perf_counter()
-    grids = tune(protocol, cache_dir, device, progress)
+    grids = tune(protocol, cache_dir, device, progress, jobs)
     chosen = choose(protocol, grids)
     tuned = time.perf_counter() - start
-    reported = report(protocol, chosen, cache_dir, device, progress)
+    reported = report(protocol, chosen, cache_dir, device, progress, jobs)
     config = {"dataset": protocol.dataset, "scenario": protocol.scenario, "architecture": protocol.architecture,
               "seeds": sorted({c.seed for c in protocol.reported}), "protocol_version": VERSION,
-              "cache_dir": display_path(cache_dir), "device": device}
+              "cache_dir": display_path(cache_dir), "device": device, "jobs": jobs}
     what = ("class-wise forgetting of every class" if protocol.scenario == "class"
             else f"random forgetting of 10% of the training set, subsets "
                  f"{sorted({c.target for c in protocol.reported})}")
@@ -358,6 +411,37 @@ def markdown_summary(record: dict[str, Any]) -> str:
     gold = record["reference"]["retrain"]["mean"]
     body.append(["Retrain (gold standard)", "0", "–", *(f"{gold[k]:.2f}" for k in GAP_KEYS)])
     return markdown_table(["Method", "Avg. gap ↓ (mean ± std)", f"{target} (gap)", "UA", "RA", "TA", "MIA"], body)
+
+
+def combined_table(records: Sequence[dict[str, Any]]) -> str:
+    """One row per method, one column per suite record: mean ± std of the gap (worst target, its
+    gap); the smallest mean gap of each column in bold, a method a record did not run as "–"."""
+    from ..tables import markdown_table
+
+    names = list(dict.fromkeys(n for r in records for n in r["methods"]))
+    header = ["Avg. gap ↓ (worst)"]
+    for r in records:
+        cfg = r["config"]
+        seeds = ",".join(map(str, cfg["seeds"]))
+        header.append(f"{cfg['dataset']}, {'class-wise' if cfg['scenario'] == 'class' else 'random 10%'} "
+                      f"(seeds {seeds})")
+    body = []
+    for name in names:
+        label = next(r["methods"][name]["label"] for r in records if name in r["methods"])
+        cells = [f"{label} (`{name}`)"]
+        for r in records:
+            s = r["summary"]["methods"].get(name)
+            if s is None:
+                cells.append("–")
+                continue
+            text = f"{s['gap']:.2f} ± {s['gap_std']:.2f} ({s['worst_target']}: {s['worst_gap']:.2f})"
+            cells.append(f"**{text}**" if r["summary"]["best"] == name else text)
+        body.append(cells)
+    return markdown_table(header, body)
+
+
+def is_suite_record(record: dict[str, Any]) -> bool:
+    return isinstance(record.get("protocol"), dict) and "summary" in record
 
 
 def plot_gaps(record: dict[str, Any], path: Path) -> Path:
