@@ -453,7 +453,7 @@ def plot_gaps(record: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(record["methods"])
-    targets = list(record["methods"][names[0]]["per_target"])
+    targets = sorted(record["methods"][names[0]]["per_target"], key=int)
     table = np.array([[record["methods"][n]["per_target"][t]["mean"]["gap"] for t in targets] for n in names])
     fig, (box, heat) = plt.subplots(1, 2, figsize=(17, 0.45 * len(names) + 2.5),
                                     gridspec_kw={"width_ratios": [1, 1.2]})
