@@ -152,10 +152,12 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
                         default=",".join(SUITE_METHODS), help="comma-separated methods (default: %(default)s)")
     parser.add_argument("--reported-seeds", type=seeds, default=",".join(map(str, REPORTED_SEEDS)),
                         help="seeds of the reported runs (default: %(default)s)")
-    parser.add_argument("--tuning-seeds", type=seeds, default=",".join(map(str, TUNING_SEEDS)),
-                        help="seeds of the tuning runs, disjoint from the reported ones (default: %(default)s)")
+    parser.add_argument("--tuning-seeds", type=seeds, default=None,
+                        help=f"seeds of the tuning runs, disjoint from the reported ones (default: "
+                             f"{','.join(map(str, TUNING_SEEDS))} for digits, {TUNING_SEEDS[0]} for mnist1d)")
     parser.add_argument("--tuning-classes", type=cli_args.integer(1), default=None,
-                        help="class-wise: tune each fold on this many of the other fold's classes (default: all)")
+                        help="class-wise: tune each fold on this many of the other fold's classes (default: all "
+                             "for digits, 1 for mnist1d)")
     parser.add_argument("--tuning-subsets", type=seeds, default=",".join(map(str, TUNING_SUBSETS)),
                         help="random: the forget subsets tuned on (default: %(default)s; reported: 0,1,2)")
     parser.add_argument("--lrs", type=cli_args.comma_list(cli_args.positive),
@@ -389,11 +391,16 @@ def table(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def suite_protocols(args: argparse.Namespace) -> list:
-    from .evaluation.suite import DEFAULT_SCENARIOS, make_protocol
+    from .evaluation.suite import DEFAULT_SCENARIOS, DEFAULT_TUNING, make_protocol
     from .methods import resolve
 
     scenarios = args.scenarios or DEFAULT_SCENARIOS[args.dataset]
     methods = tuple(resolve(m).name for m in args.methods)
+    defaults = DEFAULT_TUNING[args.dataset]
+    if args.tuning_seeds is None:
+        args.tuning_seeds = defaults["tuning_seeds"]
+    if args.tuning_classes is None:
+        args.tuning_classes = defaults["tuning_classes"]
     if args.tiny:
         return [make_protocol(args.dataset, scenario, methods=methods, reported_seeds=args.reported_seeds[:1],
                               tuning_seeds=args.tuning_seeds[:1], tuning_classes=1, reported_classes=1,

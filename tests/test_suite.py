@@ -59,7 +59,9 @@ def test_suite_dry_run_prints_the_protocol_and_does_no_work(tmp_path, capsys, mo
     shown = json.loads(capsys.readouterr().out)
     assert [p["scenario"] for p in shown] == ["class", "random"] and not out.exists()
     per_method = {m: len(methods.LR_GRID) * 3 for m in suite.SUITE_METHODS}
-    assert shown[0]["version"] == 2 and shown[0]["tuning_runs"] == sum(per_method.values()) * 20
+    # mnist1d's default tuning budget: seed 100, one class of the other fold (2 contexts); 2 subsets
+    assert shown[0]["version"] == 2 and shown[0]["tuning_runs"] == sum(per_method.values()) * 2
+    assert shown[1]["tuning_runs"] == sum(per_method.values()) * 2
     assert shown[0]["reported_runs"] == len(suite.SUITE_METHODS) * 30
 
 
