@@ -3,6 +3,8 @@
     eupmu-unlearn [run] [options]      run methods, print the metrics table, write JSON and a PNG
     eupmu-unlearn sweep [options]      validation-split hyperparameter sweep into a selection file
     eupmu-unlearn table RESULT.json    print the markdown table of stored results
+    eupmu-unlearn suite [options]      protocol v2: every class x 3 seeds, tuned on disjoint classes/seeds
+    eupmu-unlearn update-space         gradient- vs update-space surgery per base rule (digits, class 7)
 
 ``run`` is the default. Its default is class-wise forgetting of digit 0 on scikit-learn's 8x8
 digits with a small MLP, one seed, every method, the hyperparameters the package ships, output
@@ -20,7 +22,7 @@ from typing import Callable, Sequence
 from . import cli_args
 
 PROG = "eupmu-unlearn"
-COMMANDS = ("run", "sweep", "table")
+COMMANDS = ("run", "sweep", "table", "suite", "update-space")
 THREADS_HELP = ("torch CPU threads (default 1: the models are tiny and more threads only add overhead, a lot of it "
                 "on a busy machine; 0 keeps torch's choice)")
 
@@ -39,10 +41,14 @@ def methods_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = cli_args.Parser(prog=PROG, description=__doc__, epilog=methods_epilog(),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{run,sweep,table}")
-    for name, add, handler, summary in (("run", add_run_arguments, run, "run the benchmark (the default)"),
-                                        ("sweep", add_sweep_arguments, sweep, "tune hyperparameters"),
-                                        ("table", add_table_arguments, table, "print stored results")):
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, add, handler, summary in (
+            ("run", add_run_arguments, run, "run the benchmark (the default)"),
+            ("sweep", add_sweep_arguments, sweep, "tune hyperparameters"),
+            ("table", add_table_arguments, table, "print stored results"),
+            ("suite", add_suite_arguments, suite, "protocol v2: tune on some classes and seeds, report on the others"),
+            ("update-space", add_update_space_arguments, update_space,
+             "count retain-loss increases of gradient- and update-space surgery per base rule")):
         sub = commands.add_parser(name, help=summary, description=summary, epilog=methods_epilog(),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add(sub)
@@ -128,6 +134,68 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", type=Path, metavar="RESULT.json")
+
+
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluation.data import DATASETS, SCENARIOS
+    from .evaluation.models import default_cache_dir
+    from .evaluation.suite import REPORTED_SEEDS, SUITE_METHODS, TUNING_SEEDS, TUNING_SUBSETS
+    from .evaluation.unlearning import SUPPORTED, Schedule
+    from .methods import LR_GRID, OLD_SPELLINGS, names
+
+    seeds = cli_args.comma_list(cli_args.seed)
+    parser.add_argument("--dataset", choices=DATASETS, default="digits")
+    parser.add_argument("--scenarios", type=cli_args.comma_list(cli_args.one_of(SCENARIOS, "scenario")), default=None,
+                        help="comma-separated (default: class for digits, class,random for mnist1d)")
+    parser.add_argument("--methods", type=cli_args.comma_list(cli_args.one_of(names(SUPPORTED), "method",
+                                                                              aliases=OLD_SPELLINGS)),
+                        default=",".join(SUITE_METHODS), help="comma-separated methods (default: %(default)s)")
+    parser.add_argument("--reported-seeds", type=seeds, default=",".join(map(str, REPORTED_SEEDS)),
+                        help="seeds of the reported runs (default: %(default)s)")
+    parser.add_argument("--tuning-seeds", type=seeds, default=None,
+                        help=f"seeds of the tuning runs, disjoint from the reported ones (default: "
+                             f"{','.join(map(str, TUNING_SEEDS))} for digits, {TUNING_SEEDS[0]} for mnist1d)")
+    parser.add_argument("--tuning-classes", type=cli_args.integer(1), default=None,
+                        help="class-wise: tune each fold on this many of the other fold's classes (default: all "
+                             "for digits, 1 for mnist1d)")
+    parser.add_argument("--tuning-subsets", type=seeds, default=",".join(map(str, TUNING_SUBSETS)),
+                        help="random: the forget subsets tuned on (default: %(default)s; reported: 0,1,2)")
+    parser.add_argument("--lrs", type=cli_args.comma_list(cli_args.positive),
+                        default=",".join(f"{v:g}" for v in LR_GRID), help="learning-rate grid (default: %(default)s)")
+    parser.add_argument("--epochs", type=cli_args.integer(1), default=Schedule().epochs,
+                        help="unlearning epochs of the methods whose knob is not the length (default: %(default)s)")
+    parser.add_argument("--train-epochs", type=cli_args.integer(1), default=None,
+                        help="epochs of the original/retrained models (default: the recipe per dataset)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a CI-sized run: one reported class per fold (subset, random) and seed 0, one tuning "
+                             "class and seed 100, the first learning rate, 1 epoch, models trained 3 epochs")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "eupmu-unlearn" / "suite",
+                        help="output directory (default: %(default)s)")
+    parser.add_argument("--selection-out", type=Path, default=None,
+                        help="also store the pooled choices (all tuning contexts) in this selection file")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="cache of the trained original and retrained models (default: %(default)s)")
+    parser.add_argument("--device", type=cli_args.device(), default="cpu")
+    parser.add_argument("--threads", type=cli_args.integer(0), default=1, help=THREADS_HELP)
+    parser.add_argument("--jobs", type=cli_args.integer(1), default=1,
+                        help="worker processes (one thread each) for the tuning and reported runs (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the protocol (folds, contexts, grids, run counts) as JSON, and stop")
+
+
+def add_update_space_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluation.models import default_cache_dir
+    from .evaluation.update_space import STEPS
+
+    parser.add_argument("--forget-class", type=cli_args.integer(0, 9), default=7)
+    parser.add_argument("--seed", type=cli_args.seed, default=0)
+    parser.add_argument("--steps", type=cli_args.integer(1), default=STEPS)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="cache of the trained original model (default: %(default)s)")
+    parser.add_argument("--threads", type=cli_args.integer(0), default=1, help=THREADS_HELP)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table (.md) and JSON into this folder")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -303,11 +371,101 @@ def read_records(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> list
 
 def table(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .evaluation.report import markdown_table
+    from .evaluation.suite import combined_table, is_suite_record, markdown_summary
 
-    for record in read_records(args.parser, args.results):
+    records = read_records(args.parser, args.results)
+    for record in records:
         cfg = record["config"]
         print(f"**{cfg['dataset']}, {record['scenario']}, {cfg['architecture']}, seeds {list(cfg['seeds'])}**\n")
         print(markdown_table(record) + "\n")
+        if is_suite_record(record):
+            print(markdown_summary(record) + "\n")
+    suites = [r for r in records if is_suite_record(r)]
+    if len(suites) > 1:
+        print("**protocol v2, every record side by side**\n")
+        print(combined_table(suites) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- suite and update-space
+
+
+def suite_protocols(args: argparse.Namespace) -> list:
+    from .evaluation.suite import DEFAULT_SCENARIOS, DEFAULT_TUNING, make_protocol
+    from .methods import resolve
+
+    scenarios = args.scenarios or DEFAULT_SCENARIOS[args.dataset]
+    methods = tuple(resolve(m).name for m in args.methods)
+    defaults = DEFAULT_TUNING[args.dataset]
+    if args.tuning_seeds is None:
+        args.tuning_seeds = defaults["tuning_seeds"]
+    if args.tuning_classes is None:
+        args.tuning_classes = defaults["tuning_classes"]
+    if args.tiny:
+        return [make_protocol(args.dataset, scenario, methods=methods, reported_seeds=args.reported_seeds[:1],
+                              tuning_seeds=args.tuning_seeds[:1], tuning_classes=1, reported_classes=1,
+                              tuning_subsets=args.tuning_subsets[:1], lr_grid=args.lrs[:1], epochs=1,
+                              train_epochs=3, note="tiny configuration (--tiny)") for scenario in scenarios]
+    return [make_protocol(args.dataset, scenario, methods=methods, reported_seeds=args.reported_seeds,
+                          tuning_seeds=args.tuning_seeds, tuning_classes=args.tuning_classes,
+                          tuning_subsets=args.tuning_subsets, lr_grid=args.lrs, epochs=args.epochs,
+                          train_epochs=args.train_epochs) for scenario in scenarios]
+
+
+def suite(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .evaluation import suite as suite_module
+    from .evaluation.progress import progress_bar
+    from .evaluation.selection import selection_problem
+    from .evaluation.threads import torch_threads
+    from .methods import resolve
+
+    parser = args.parser
+    cli_args.check_distinct(parser, "--methods", args.methods, resolve)
+    cli_args.check_directory_or_absent(parser, "--cache-dir", args.cache_dir)
+    try:
+        protocols = suite_protocols(args)
+    except ValueError as err:  # overlapping tuning and reported seeds or targets
+        cli_args.fail(parser, "--tuning-seeds", str(err))
+    if args.dry_run:
+        print(json.dumps([p.to_dict() for p in protocols], indent=1))
+        return 0
+    cli_args.check_output_dir(parser, "--out", args.out)
+    if args.selection_out is not None:
+        problem = selection_problem(args.selection_out)
+        if problem is not None:
+            cli_args.fail(parser, "--selection-out", problem)
+        cli_args.check_output_file(parser, "--selection-out", args.selection_out)
+    command = " ".join([f"{PROG} suite", *argv[1:]])
+    for protocol in protocols:
+        with torch_threads(args.threads), progress_bar(protocol.work_units(), f"suite {protocol.scenario}",
+                                                       enabled=not args.quiet) as progress:
+            record = suite_module.run_suite(protocol, args.cache_dir, args.device, progress, args.jobs)
+        record["command"] = command
+        written = suite_module.write(record, args.out, plot=not args.no_plot)
+        print(f"\n{protocol.dataset} / {record['scenario']} / {protocol.architecture}, protocol v2, "
+              f"seeds {record['config']['seeds']} ({record['seconds']['total']:.0f} s)\n")
+        print(suite_module.markdown_summary(record))
+        print("\n" + "\n".join(f"wrote {display}" for display in map(str, written)))
+        if args.selection_out is not None:
+            key = suite_module.store_selection(args.selection_out, protocol, record, command)
+            print(f"pooled choices stored under {key!r} in {args.selection_out}")
+    return 0
+
+
+def update_space(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .evaluation import update_space as module
+    from .evaluation.threads import torch_threads
+
+    cli_args.check_directory_or_absent(args.parser, "--cache-dir", args.cache_dir)
+    if args.out is not None:
+        cli_args.check_output_dir(args.parser, "--out", args.out)
+    with torch_threads(args.threads):
+        rows = module.run(args.forget_class, args.seed, args.steps, args.cache_dir)
+    text = module.markdown(rows, args.forget_class, args.seed, args.steps)
+    print(text)
+    if args.out is not None:
+        cli_args.write_text_atomic(args.out / "update_space.md", text + "\n")
+        cli_args.write_text_atomic(args.out / "update_space.json", json.dumps(rows, indent=1) + "\n")
     return 0
 
 

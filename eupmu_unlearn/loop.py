@@ -9,7 +9,9 @@ A step takes one (forget, retain) batch pair and updates the model in place; the
 - implicit: one backward pass of ``J = opt.combine(forget, retain)``, ``opt.step()``, then the
   exact dual update from the losses after the step (a no-grad forward), or none, and the next
   step's ``combine`` uses its retain loss as the lagged one (:func:`implicit_backward`);
-- plain: one loss (the method's objective), one backward pass, a ``torch.optim`` step.
+- plain: one loss (the method's objective), one backward pass, a ``torch.optim`` step; a
+  :class:`PlainExtras` adds what SalUn and l1-sparse put around it (a weight mask, a decaying l1
+  penalty).
 
 An application supplies an :class:`Objective`, which computes the losses of its batch pairs. The
 Hugging Face integration (:mod:`eupmu_unlearn.hf`) runs :func:`explicit_backward` and
@@ -106,8 +108,47 @@ def build_optimizer(method: Method, model: nn.Module, base: BaseRule, options: d
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if method.family == "plain":
         return base.torch_optimizer([p for _, p in named])
-    variant = {"dual": method.option} if method.family == "implicit" else {"surgery": method.option}
+    if method.family == "implicit":
+        variant = {"dual": method.option}
+    else:
+        variant = {"surgery": method.option}
+        if method.surgery_space != "gradient":
+            variant["surgery_space"] = method.surgery_space
     return EUPMU(named, mode=method.family, **variant, **base.eupmu_arguments(), **options)
+
+
+@dataclass
+class PlainExtras:
+    """What SalUn and l1-sparse add to a plain step (docs/design.md, Applications).
+
+    ``mask``: one 0/1 tensor per trainable parameter (SalUn); only the masked weights move. The
+    optimizer then has no weight decay of its own: ``masked_weight_decay`` is added to the
+    gradient before the mask, so unmasked weights neither decay nor gather momentum.
+    ``l1``: the initial coefficient of an l1 penalty on all trainable weights (l1-sparse); it
+    decays linearly to 0 over ``steps`` steps, ``l1 * (1 - (k - 1) / steps)`` at step k.
+    """
+
+    mask: list[Tensor] | None = None
+    masked_weight_decay: float = 0.0
+    l1: float = 0.0
+    steps: int = 1
+
+    def l1_at(self, step: int) -> float:
+        """The l1 coefficient at ``step`` (1-based): linear from ``l1`` at step 1 to 0 after ``steps``."""
+        return self.l1 * max(0.0, 1.0 - (step - 1) / max(1, self.steps))
+
+
+def saliency_mask(params: list[Tensor], keep: float) -> list[Tensor]:
+    """0/1 masks that keep the ``keep`` share of the weights with the largest ``|.grad|`` (one
+    global ranking over all parameters; exactly round(keep * n) weights, ties broken by index)."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    magnitude = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().abs().reshape(-1)
+                           for p in params])
+    chosen = max(1, round(keep * magnitude.numel()))
+    flat = torch.zeros_like(magnitude)
+    flat[torch.topk(magnitude, chosen, sorted=False).indices] = 1.0
+    return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def _backward(loss: Tensor, **kwargs: Any) -> None:
@@ -133,8 +174,11 @@ class Stepper:
     """One step of ``method`` on ``model``: :meth:`step` returns the step's device scalars."""
 
     def __init__(self, method: Method, model: nn.Module, opt: torch.optim.Optimizer, objective: Objective,
-                 exact_dual: bool) -> None:
+                 exact_dual: bool, extras: PlainExtras | None = None) -> None:
         self.method, self.model, self.opt, self.objective, self.exact_dual = method, model, opt, objective, exact_dual
+        self.extras = extras or PlainExtras()
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._count = 0
 
     def step(self, batch: Any) -> dict[str, Tensor]:
         self.opt.zero_grad()
@@ -167,10 +211,20 @@ class Stepper:
         self.opt.update_dual(retain_after, forget_after)
 
     def _plain(self, batch: Any) -> dict[str, Tensor]:
+        extras = self.extras
+        self._count += 1
         loss = self.objective.plain_loss(self.method.option, self.model, batch)
+        record = {f"{self.method.option}_loss": loss.detach()}
+        if extras.l1 > 0:
+            loss = loss + extras.l1_at(self._count) * torch.stack([p.abs().sum() for p in self._params]).sum()
         loss.backward()
+        if extras.mask is not None:
+            with torch.no_grad():
+                for p, m in zip(self._params, extras.mask):
+                    if p.grad is not None:
+                        p.grad.add_(p, alpha=extras.masked_weight_decay).mul_(m)
         self.opt.step()
-        return {f"{self.method.option}_loss": loss.detach()}
+        return record
 
 
 def _loss_record(losses: Losses) -> dict[str, Tensor]:

@@ -310,7 +310,9 @@ def test_llm_help_lists_its_methods(capsys) -> None:
     with pytest.raises(SystemExit):
         llm_cli.main(["--help"])
     out = capsys.readouterr().out
-    assert all(f"  {name} " in out for name in METHOD_NAMES if name != "rl") and "ungrad-hf" in out
+    text_methods = [name for name, m in METHODS.items() if name != "rl" and not m.image_only]
+    assert all(f"  {name} " in out for name in text_methods) and "ungrad-hf" in out
+    assert not any(f"  {name} " in out for name, m in METHODS.items() if m.image_only)  # salun, l1-sparse, ...
 
 
 @pytest.mark.parametrize("case", sorted(LLM_CASES))

@@ -14,6 +14,7 @@ training data) is drawn per seed and is the only data hyperparameters are select
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -133,7 +134,8 @@ def make_scenario(data: ClassificationData, kind: str, forget_class: int = 0, se
 
 
 def _to_split(x: np.ndarray, y: np.ndarray) -> Split:
-    return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+    # torch.tensor copies: the loaders' arrays are cached and must never be shared with a Split
+    return Split(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long))
 
 
 def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,6 +150,7 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
+@functools.lru_cache(maxsize=1)
 def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
     from sklearn.datasets import load_digits
 
@@ -158,6 +161,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tupl
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], (8, 8)
 
 
+@functools.lru_cache(maxsize=1)  # generated once per process (the suite loads it for every context)
 def _load_mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
     from mnist1d.data import get_dataset_args, make_dataset
 

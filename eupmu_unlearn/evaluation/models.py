@@ -153,7 +153,7 @@ def load_or_train(cache_dir: Path | None, key: str, make: Callable[[], nn.Module
     seconds = time.perf_counter() - start
     if path is not None and meta_path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes that train the same model never share it
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
         meta_path.write_text(json.dumps({"key": key, "train_seconds": seconds}))

@@ -30,9 +30,10 @@ from .metrics import UnlearningMetrics, average_gap, evaluate, mean_std, member_
 from .models import (DEFAULT_ARCHITECTURE, CachedModel, build_model, cache_key, default_recipe, load_or_train,
                      train_classifier)
 from .selection import ChosenHyper, Selections, choose, selection_key
-from .unlearning import Schedule, unlearn
+from .unlearning import Schedule, total_steps, unlearn
 
-DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
+DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "eupmu-length", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
+                   "rl", "salun", "ft", "l1-sparse")
 MEMORY_STEPS = 3
 Progress = Callable[[str], None]
 
@@ -42,6 +43,7 @@ class BenchmarkConfig:
     dataset: str = "digits"
     scenario: str = "class"
     forget_class: int = 0
+    subset: int | None = None  # random forgetting: the seed of the forget subset (None: the run's seed)
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = DEFAULT_METHODS
     architecture: str | None = None  # default per dataset
@@ -87,7 +89,8 @@ def prepare_seed(cfg: BenchmarkConfig, seed: int) -> SeedContext:
     """Data, scenario, and the (cached) original and retrained models of one seed."""
     device = torch.device(cfg.device)
     data = load_dataset(cfg.dataset, seed)
-    scenario = make_scenario(data, cfg.scenario, cfg.forget_class, seed)
+    subset = seed if cfg.subset is None else cfg.subset
+    scenario = make_scenario(data, cfg.scenario, cfg.forget_class, subset)
     recipe = default_recipe(cfg.dataset, cfg.arch)
     if cfg.train_epochs is not None:
         recipe = replace(recipe, epochs=cfg.train_epochs)
@@ -100,6 +103,8 @@ def prepare_seed(cfg: BenchmarkConfig, seed: int) -> SeedContext:
     original = load_or_train(cfg.cache_dir, cache_key(role="original", **common), make,
                              lambda m: train_classifier(m, data.train, recipe, seed))
     scenario_fields = dict(scenario=cfg.scenario, forget_class=scenario.forget_class)
+    if cfg.scenario == "random" and subset != seed:  # (runs whose subset is their seed keep their cache keys)
+        scenario_fields["subset"] = subset
     retrained = load_or_train(cfg.cache_dir, cache_key(role="retrain", **common, **scenario_fields), make,
                               lambda m: train_classifier(m, scenario.retain, recipe, seed))
     for cached in (original, retrained):
@@ -138,6 +143,35 @@ def run_method(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfi
     if cfg.measure_memory:
         metrics.peak_tensor_mib = _peak_memory(ctx, spec, hyper, cfg)
     return MethodOutcome(metrics, run.per_step, run.trace)
+
+
+def run_method_lengths(ctx: SeedContext, spec: Method, lr: float, lengths: Sequence[float],
+                       cfg: BenchmarkConfig) -> dict[float, UnlearningMetrics]:
+    """A method whose knob is its length (``epochs``) at every length of ``lengths``, from one run of
+    the longest: the model is copied when each shorter length is reached. The batches do not depend
+    on the length and the learning rate is constant, so each copy is the model a separate run of that
+    length ends with. RTE is left unset."""
+    if spec.knob != "epochs":
+        raise ValueError(f"method {spec.name} does not take its length as knob")
+    steps = {k: total_steps(spec, Hyper(lr, k), ctx.scenario, cfg.schedule) for k in lengths}
+    copies: dict[float, nn.Module] = {}
+
+    def keep(step: int, model: nn.Module) -> None:
+        for k, at in steps.items():
+            if at == step:
+                copies[k] = copy.deepcopy(model)
+
+    model = copy.deepcopy(ctx.original.model)
+    unlearn(spec, Hyper(lr, max(lengths)), model, ctx.scenario, ctx.data.num_classes, cfg.schedule, ctx.seed,
+            on_step=keep)
+    out = {}
+    for k in lengths:
+        trained = copies[k]
+        trained.eval()
+        metrics = evaluate(trained, ctx.scenario, ctx.heldout, ctx.members)
+        metrics.gap = average_gap(metrics, ctx.retrain_metrics)
+        out[k] = metrics
+    return out
 
 
 def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkConfig) -> float | None:

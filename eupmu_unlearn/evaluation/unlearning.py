@@ -12,20 +12,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import methods
-from ..loop import BaseRule, Losses, Objective, Stepper, build_optimizer, run_steps, stack_records
+from ..loop import (BaseRule, Losses, Objective, PlainExtras, Stepper, build_optimizer, run_steps, saliency_mask,
+                    stack_records)
 from ..losses import NPO_BETA, forget_loss
 from ..methods import Hyper, Method
 from .data import Scenario
 from .metrics import accuracy
 
 DEFAULT_FORGET_LOSS = "random-label"
-SUPPORTED = methods.available(("ga", "npo", "random-label"), DEFAULT_FORGET_LOSS)
+SUPPORTED = methods.available(("ga", "npo", "random-label"), DEFAULT_FORGET_LOSS, image=True)
 TRACE_RETAIN_SAMPLES = 5000
 
 
@@ -111,16 +113,47 @@ class ClassObjective(Objective):
                       lambda: F.cross_entropy(logits[n:], batch.y_retain), shared_graph=True)
 
 
-def make_stepper(method: Method, hyper: Hyper, model: nn.Module, schedule: Schedule) -> Stepper:
-    opt = build_optimizer(method, model, schedule.base_rule(hyper.lr), methods.optimizer_options(method, hyper))
+def make_stepper(method: Method, hyper: Hyper, model: nn.Module, schedule: Schedule, scenario: Scenario | None = None,
+                 steps: int = 1) -> Stepper:
+    """The step of ``method``; SalUn computes its mask from ``scenario``'s forget set here, and
+    l1-sparse's penalty decays over ``steps``."""
+    base = schedule.base_rule(hyper.lr)
+    extras = PlainExtras()
+    if method.knob == "keep":  # SalUn: the optimizer's weight decay moves under the mask
+        if scenario is None:
+            raise ValueError(f"method {method.name} needs the scenario's forget set for its saliency mask")
+        extras = PlainExtras(mask=forget_saliency(model, scenario, float(hyper.knob)),
+                             masked_weight_decay=base.weight_decay)
+        base = BaseRule(base.rule, base.lr, weight_decay=0.0, momentum=base.momentum, backend=base.backend)
+    elif method.knob == "l1":
+        extras = PlainExtras(l1=float(hyper.knob), steps=steps)
+    opt = build_optimizer(method, model, base, methods.optimizer_options(method, hyper))
     objective = ClassObjective(method.forget_loss_or(DEFAULT_FORGET_LOSS))
-    return Stepper(method, model, opt, objective, schedule.exact_dual)
+    return Stepper(method, model, opt, objective, schedule.exact_dual, extras)
+
+
+def forget_saliency(model: nn.Module, scenario: Scenario, keep: float) -> list[Tensor]:
+    """SalUn's weight saliency: the magnitude of the gradient of the forget set's cross-entropy
+    (its true labels; the sign of a gradient-ascent loss does not change the magnitude) at the
+    starting weights; the ``keep`` share with the largest magnitude is masked in."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    F.cross_entropy(model(scenario.forget.x), scenario.forget.y).backward()
+    mask = saliency_mask(params, keep)
+    for p in params:
+        p.grad = None
+    return mask
 
 
 class IndexStream:
     """Endless mini-batches of indices, reshuffled at every pass over ``n`` samples.
 
-    Indices are drawn on the generator's device, so batches never cross from host to device.
+    Every batch is full: one that would run past the end of a pass is completed from the start
+    of the next (reshuffled) pass, so no step sees a remainder of a few samples. (A two-sample
+    forget batch whose random-label loss happens to be small gets its gradient multiplied by
+    1/L_f under the log transform of the reference dual, a large, noisy step.) Indices are drawn
+    on the generator's device, so batches never cross from host to device.
     """
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
@@ -134,11 +167,17 @@ class IndexStream:
         return torch.randperm(self.n, generator=self.generator, device=self.generator.device)
 
     def next(self) -> Tensor:
-        if self._pos >= self.n:
-            self._order = self._shuffle()
-            self._pos = 0
+        if self._pos >= self._order.shape[0]:
+            self._order, self._pos = self._shuffle(), 0
         idx = self._order[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
+        missing = self.batch_size - idx.shape[0]
+        if missing > 0:  # the next pass opens with the samples that complete this batch (none repeated)
+            order = self._shuffle()
+            fresh = order[~torch.isin(order, idx)]
+            fill = fresh[:missing]
+            idx = torch.cat([idx, fill])
+            self._order, self._pos = order[~torch.isin(order, fill)], 0
         return idx
 
 
@@ -207,8 +246,11 @@ class Tracer:
 
 
 def unlearn(method: Method, hyper: Hyper, model: nn.Module, scenario: Scenario, num_classes: int,
-            schedule: Schedule, seed: int, trace_points: int = 0, max_steps: int | None = None) -> UnlearnRun:
-    """Run one method in place on ``model``; the scenario's tensors must be on the model's device."""
+            schedule: Schedule, seed: int, trace_points: int = 0, max_steps: int | None = None,
+            on_step: Callable[[int, nn.Module], None] | None = None) -> UnlearnRun:
+    """Run one method in place on ``model``; the scenario's tensors must be on the model's device.
+
+    ``on_step(k, model)`` runs after step k (untimed), e.g. to keep a copy of the model there."""
     device = next(model.parameters()).device
     steps = total_steps(method, hyper, scenario, schedule)
     if max_steps is not None:
@@ -218,11 +260,18 @@ def unlearn(method: Method, hyper: Hyper, model: nn.Module, scenario: Scenario, 
     needs_reference = method.uses_forget_loss and method.forget_loss_or(DEFAULT_FORGET_LOSS) == "npo"
     sampler = BatchSampler(scenario, num_classes, schedule, seed,
                            reference_log_probs(model, scenario) if needs_reference else None)
-    stepper = make_stepper(method, hyper, model, schedule)
     tracer.maybe_record(0, model)  # before the clock starts: not part of the run time
     untimed: list[float] = []
     start = time.perf_counter()
-    records = run_steps(stepper, sampler.draw, steps, lambda step: untimed.append(tracer.maybe_record(step, model)))
+    stepper = make_stepper(method, hyper, model, schedule, scenario, steps)  # SalUn's mask is part of its run
+    def after(step: int) -> None:
+        untimed.append(tracer.maybe_record(step, model))
+        if on_step is not None:
+            begin = time.perf_counter()
+            on_step(step, model)
+            untimed.append(time.perf_counter() - begin)
+
+    records = run_steps(stepper, sampler.draw, steps, after)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start - sum(untimed)
