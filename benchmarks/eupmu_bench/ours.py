@@ -16,7 +16,7 @@ import torch
 
 from eupmu_kernels import EUPMU
 
-from .baselines import PreparedStep, Settings, install_grads
+from .baselines import PreparedStep, Settings
 from .workloads import Workload
 
 
