@@ -47,22 +47,13 @@ at::Tensor coefficients(const at::Tensor& gram, int64_t method, double eps, doub
   return cpu_ops::coefficients(gram, args);
 }
 
-void combine(const TensorList& grads_f, const std::optional<TensorList>& grads_r, const at::Tensor& coef) {
-  TORCH_CHECK(!grads_f.empty(), "combine_: grads_f is empty");
-#if defined(EUPMU_WITH_CUDA)
-  if (grads_f[0].is_cuda()) return cuda_ops::combine(grads_f, grads_r, coef);
-#endif
-  check_cpu(grads_f[0]);
-  cpu_ops::combine(grads_f, grads_r, coef);
-}
-
-std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorList& grads_f,
-                          const std::optional<TensorList>& grads_r, const TensorList& steps,
-                          const TensorList& exp_avg, const TensorList& exp_avg_sq,
-                          const TensorList& momentum_buffer, const at::Tensor& coef, double lr, double beta1,
-                          double beta2, double eps, double weight_decay, double momentum, double dampening,
-                          bool nesterov, bool uncorrected) {
-  if (params.empty()) return {};
+// The step's and the update-space pass's arguments, as the kernels take them.
+UpdateRequest update_request(int64_t rule, const TensorList& params, const TensorList& grads_f,
+                             const std::optional<TensorList>& grads_r, const TensorList& steps,
+                             const TensorList& exp_avg, const TensorList& exp_avg_sq,
+                             const TensorList& momentum_buffer, double lr, double beta1, double beta2, double eps,
+                             double weight_decay, double momentum, double dampening, bool nesterov,
+                             bool uncorrected) {
   UpdateRequest req;
   req.rule = static_cast<int>(rule);
   req.params = params;
@@ -81,6 +72,28 @@ std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorLi
   req.dampening = dampening;
   req.nesterov = nesterov;
   req.uncorrected = uncorrected;
+  return req;
+}
+
+void combine(const TensorList& grads_f, const std::optional<TensorList>& grads_r, const at::Tensor& coef) {
+  TORCH_CHECK(!grads_f.empty(), "combine_: grads_f is empty");
+#if defined(EUPMU_WITH_CUDA)
+  if (grads_f[0].is_cuda()) return cuda_ops::combine(grads_f, grads_r, coef);
+#endif
+  check_cpu(grads_f[0]);
+  cpu_ops::combine(grads_f, grads_r, coef);
+}
+
+std::vector<int64_t> step(int64_t rule, const TensorList& params, const TensorList& grads_f,
+                          const std::optional<TensorList>& grads_r, const TensorList& steps,
+                          const TensorList& exp_avg, const TensorList& exp_avg_sq,
+                          const TensorList& momentum_buffer, const at::Tensor& coef, double lr, double beta1,
+                          double beta2, double eps, double weight_decay, double momentum, double dampening,
+                          bool nesterov, bool uncorrected) {
+  if (params.empty()) return {};
+  const UpdateRequest req = update_request(rule, params, grads_f, grads_r, steps, exp_avg, exp_avg_sq,
+                                           momentum_buffer, lr, beta1, beta2, eps, weight_decay, momentum,
+                                           dampening, nesterov, uncorrected);
 #if defined(EUPMU_WITH_CUDA)
   if (params[0].is_cuda()) return cuda_ops::step(req, coef);
 #endif
@@ -95,24 +108,9 @@ pybind11::tuple update_terms(int64_t rule, const TensorList& params, const Tenso
                              double beta2, double eps, double weight_decay, double momentum, double dampening,
                              bool nesterov) {
   TORCH_CHECK(!params.empty(), "update_terms: params is empty");
-  UpdateRequest req;
-  req.rule = static_cast<int>(rule);
-  req.params = params;
-  req.grads_f = grads_f;
-  req.grads_r = grads_r;
-  req.steps = steps;
-  req.exp_avg = exp_avg;
-  req.exp_avg_sq = exp_avg_sq;
-  req.momentum_buffer = momentum_buffer;
-  req.lr = lr;
-  req.beta1 = beta1;
-  req.beta2 = beta2;
-  req.eps = eps;
-  req.weight_decay = weight_decay;
-  req.momentum = momentum;
-  req.dampening = dampening;
-  req.nesterov = nesterov;
-  req.uncorrected = true;
+  const UpdateRequest req = update_request(rule, params, grads_f, grads_r, steps, exp_avg, exp_avg_sq,
+                                           momentum_buffer, lr, beta1, beta2, eps, weight_decay, momentum,
+                                           dampening, nesterov, /*uncorrected=*/true);
   std::vector<int64_t> fallback;
   at::Tensor terms;
   {

@@ -48,9 +48,10 @@ cuda::UpdateKind update_kind(const UpdateRequest& req) {
                                      : cuda::UpdateKind::kSgdPlain;
 }
 
-void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::Tensor& coef) {
+// The update kernels' address rows (parameter, g_f, g_r, two state tensors, step) of one group, and
+// each tensor's element count into `numels`.
+AddressRows update_rows(const UpdateGroup& group, std::vector<int64_t>& numels) {
   AddressRows rows(cuda::kUpdateRows);
-  std::vector<int64_t> numels;
   for (const UpdateEntry& e : group.entries) {
     rows[0].push_back(address_of(e.p));
     rows[1].push_back(address_of(e.gf));
@@ -60,6 +61,12 @@ void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::
     rows[cuda::kStepRow].push_back(address_of(e.step));
     numels.push_back(e.p.numel());
   }
+  return rows;
+}
+
+void launch_group(const UpdateGroup& group, const UpdateRequest& req, const at::Tensor& coef) {
+  std::vector<int64_t> numels;
+  const AddressRows rows = update_rows(group, numels);
   cuda::UpdateLaunch u;
   u.kind = update_kind(req);
   u.param = group.param_dtype;
@@ -159,19 +166,10 @@ at::Tensor update_terms(const UpdateRequest& req, std::vector<int64_t>* fallback
   at::Tensor slots = at::empty({std::max<int64_t>(kTermsLen * nchunks, kTermsLen)}, f64);
   int64_t offset = 0;
   for (const UpdateGroup& group : plan.groups) {
-    AddressRows rows(cuda::kUpdateRows);
     std::vector<int64_t> numels;
+    const AddressRows rows = update_rows(group, numels);
     int64_t group_chunks = 0;
-    for (const UpdateEntry& e : group.entries) {
-      rows[0].push_back(address_of(e.p));
-      rows[1].push_back(address_of(e.gf));
-      rows[2].push_back(address_of(e.gr));
-      rows[3].push_back(address_of(e.s1));
-      rows[4].push_back(address_of(e.s2));
-      rows[cuda::kStepRow].push_back(address_of(e.step));
-      numels.push_back(e.p.numel());
-      group_chunks += launch::chunks_of(e.p.numel());
-    }
+    for (const int64_t n : numels) group_chunks += launch::chunks_of(n);
     cuda::TermsLaunch t;
     t.kind = update_kind(req);
     t.param = group.param_dtype;

@@ -28,8 +28,8 @@ FINISH_WARPS = 4
 
 
 @triton.jit
-def _load_wide(addr, owner, offs, mask, other, DTYPE: tl.constexpr, FAST: tl.constexpr):
-    """The block's stored values as float64, exactly.
+def load_f32(addr, owner, offs, mask, other, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """The block's stored values as float32, exactly.
 
     bfloat16 is read as its 16 bits and widened by a shift: exact for every value, subnormals
     included (the interpreter's own bf16 -> fp32 conversion is wrong for subnormals; on a GPU
@@ -45,7 +45,7 @@ def _load_wide(addr, owner, offs, mask, other, DTYPE: tl.constexpr, FAST: tl.con
         if FAST:
             ptr = tl.multiple_of(ptr, ALIGN)
         x = tl.load(ptr + offs, mask=mask, other=other).to(tl.float32)
-    return x.to(tl.float64)
+    return x
 
 
 @triton.jit
@@ -60,10 +60,10 @@ def _total(x, FAST: tl.constexpr):
 @triton.jit
 def _block_dots(addr_a, addr_b, owner, offs, mask, other, DTYPE: tl.constexpr, HAS_B: tl.constexpr,
                 FAST: tl.constexpr):
-    a = _load_wide(addr_a, owner, offs, mask, other, DTYPE, FAST)
+    a = load_f32(addr_a, owner, offs, mask, other, DTYPE, FAST).to(tl.float64)
     aa = _total(a * a, FAST)
     if HAS_B:
-        b = _load_wide(addr_b, owner, offs, mask, other, DTYPE, FAST)
+        b = load_f32(addr_b, owner, offs, mask, other, DTYPE, FAST).to(tl.float64)
         ab = _total(a * b, FAST)
         bb = _total(b * b, FAST)
     else:

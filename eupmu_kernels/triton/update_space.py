@@ -30,7 +30,8 @@ from torch import Tensor
 from .. import contract
 from ..contract import COEF_LEN, StepHyper, SurgeryConfig, rule_codes
 from ..contract import CLIP_EPS, CLIP_ITERATIONS, TERMS_LEN
-from .common import ALIGN, DBL_MAX, FLT_MAX, aligned, masked_offsets, tl_dtype
+from .common import DBL_MAX, FLT_MAX, aligned, masked_offsets, tl_dtype
+from .gramian import load_f32
 from .tables import BLOCK, TensorTable
 from .update import POWER_BITS, _int_power, split_beta
 
@@ -59,23 +60,6 @@ FINISH_WARPS = 4
 
 
 @triton.jit
-def _load_f32(addr, owner, offs, mask, other, DTYPE: tl.constexpr, FAST: tl.constexpr):
-    """The block's stored values as float32, exactly (bf16 widened by a shift, as in ``gramian``)."""
-    if DTYPE == tl.bfloat16:
-        ptr = tl.load(addr + owner).to(tl.pointer_type(tl.uint16))
-        if FAST:
-            ptr = tl.multiple_of(ptr, ALIGN)
-        bits = tl.load(ptr + offs, mask=mask, other=other).to(tl.uint32)
-        x = (bits << 16).to(tl.float32, bitcast=True)
-    else:
-        ptr = tl.load(addr + owner).to(tl.pointer_type(DTYPE))
-        if FAST:
-            ptr = tl.multiple_of(ptr, ALIGN)
-        x = tl.load(ptr + offs, mask=mask, other=other).to(tl.float32)
-    return x
-
-
-@triton.jit
 def _total(x, FAST: tl.constexpr):
     if FAST:
         return tl.sum(x, axis=0)
@@ -89,9 +73,9 @@ def _block_sums(addr_p, addr_f, addr_r, addr_s1, addr_s2, owner, offs, mask, oth
                 HAS_S1: tl.constexpr, FAST: tl.constexpr):
     """The block's float64 sums: <f,f>, <f,r>, <r,r>, <p,r>, <s,r> (SGD: s = the momentum buffer;
     Adam: <m, P r>), and for Adam <p, P r>, <f, P r>, <r, P r> (zero for SGD)."""
-    f32 = _load_f32(addr_f, owner, offs, mask, other, P_DTYPE, FAST)
-    r32 = _load_f32(addr_r, owner, offs, mask, other, P_DTYPE, FAST)
-    p32 = _load_f32(addr_p, owner, offs, mask, other, P_DTYPE, FAST)
+    f32 = load_f32(addr_f, owner, offs, mask, other, P_DTYPE, FAST)
+    r32 = load_f32(addr_r, owner, offs, mask, other, P_DTYPE, FAST)
+    p32 = load_f32(addr_p, owner, offs, mask, other, P_DTYPE, FAST)
     f = f32.to(tl.float64)
     r = r32.to(tl.float64)
     p = p32.to(tl.float64)
@@ -102,7 +86,7 @@ def _block_sums(addr_p, addr_f, addr_r, addr_s1, addr_s2, owner, offs, mask, oth
     zero = pr * 0.0
     if RULE == RULE_SGD:
         if HAS_S1:
-            s = _load_f32(addr_s1, owner, offs, mask, other, S_DTYPE, FAST).to(tl.float64)
+            s = load_f32(addr_s1, owner, offs, mask, other, S_DTYPE, FAST).to(tl.float64)
             sr = _total(s * r, FAST)
         else:
             sr = zero
@@ -110,8 +94,8 @@ def _block_sums(addr_p, addr_f, addr_r, addr_s1, addr_s2, owner, offs, mask, oth
         f_pr = zero
         r_pr = zero
     else:
-        m = _load_f32(addr_s1, owner, offs, mask, other, S_DTYPE, FAST).to(tl.float64)
-        v = _load_f32(addr_s2, owner, offs, mask, other, S_DTYPE, FAST)
+        m = load_f32(addr_s1, owner, offs, mask, other, S_DTYPE, FAST).to(tl.float64)
+        v = load_f32(addr_s2, owner, offs, mask, other, S_DTYPE, FAST)
         g0 = f32
         if RULE != RULE_ADAMW:
             g0 = g0 + weight_decay32 * p32  # Adam's L2 term, as the update kernel adds it
