@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,9 +34,9 @@ THREADS_HELP = ("torch CPU threads (default 1: the models are tiny and more thre
 
 def methods_epilog() -> str:
     from .evaluation.unlearning import DEFAULT_FORGET_LOSS, SUPPORTED
-    from .methods import describe
+    from .methods import IMAGE_EUPMU, describe
 
-    return ("methods ('eupmu' is eupmu-reference, the default dual preset):\n"
+    return (f"methods ('eupmu' is {IMAGE_EUPMU}, the benchmark's default EUPMU configuration):\n"
             + describe(SUPPORTED, DEFAULT_FORGET_LOSS))
 
 
@@ -136,6 +138,15 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", type=Path, metavar="RESULT.json")
 
 
+MAX_DEFAULT_JOBS = 8  # each worker holds its own torch and models
+
+
+def default_jobs() -> int:
+    """The suite's default worker count: one per usable CPU core, capped."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_DEFAULT_JOBS))
+
+
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     from .evaluation.data import DATASETS, SCENARIOS
     from .evaluation.models import default_cache_dir
@@ -177,8 +188,9 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cache of the trained original and retrained models (default: %(default)s)")
     parser.add_argument("--device", type=cli_args.device(), default="cpu")
     parser.add_argument("--threads", type=cli_args.integer(0), default=1, help=THREADS_HELP)
-    parser.add_argument("--jobs", type=cli_args.integer(1), default=1,
-                        help="worker processes (one thread each) for the tuning and reported runs (default 1)")
+    parser.add_argument("--jobs", type=cli_args.integer(1), default=default_jobs(),
+                        help="worker processes (one thread each) for the tuning and reported runs (default: the "
+                             f"usable CPU cores, at most {MAX_DEFAULT_JOBS}: %(default)s here)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--dry-run", action="store_true",
@@ -223,9 +235,9 @@ def check_methods(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """No method twice (``eupmu`` and ``eupmu-reference`` are one); explicit surgery needs epsilon >= 0."""
     from .methods import resolve
 
-    cli_args.check_distinct(parser, "--methods", args.methods, resolve)
+    cli_args.check_distinct(parser, "--methods", args.methods, partial(resolve, image=True))
     tolerance = getattr(args, "tolerance", None)
-    explicit = [name for name in args.methods if resolve(name).needs_non_negative_tolerance]
+    explicit = [name for name in args.methods if resolve(name, image=True).needs_non_negative_tolerance]
     if tolerance is not None and tolerance < 0 and explicit:
         cli_args.fail(parser, "--tolerance", f"must be >= 0 for {', '.join(explicit)} (explicit surgery), "
                                              f"got {tolerance:g}")
@@ -299,7 +311,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cfg = run_config(args)
     if args.dry_run:
         chosen = choose_all(cfg)
-        methods = {name: {"label": resolve(name).label, "hyper": c.hyper.describe(resolve(name)),
+        methods = {name: {"label": resolve(name, image=True).label, "hyper": c.hyper.describe(resolve(name, image=True)),
                           "hyper_source": c.source} for name, c in chosen.items()}
         print(json.dumps({"config": cfg.to_dict(), "methods": methods}, indent=1))
         return 0
@@ -314,13 +326,14 @@ def write_outputs(record: dict, out: Path, stem: str, plot: bool) -> None:
     """Write the JSON (and PNG), each atomically; print the metrics table and the target check."""
     from .evaluation.plots import plot_tradeoff
     from .evaluation.report import markdown_table, target_check
+    from .methods import EUPMU_PRESETS
 
     out.mkdir(parents=True, exist_ok=True)
     json_path = cli_args.write_text_atomic(out / f"{stem}.json", json.dumps(record, indent=1) + "\n")
     cfg = record["config"]
     print(f"\n{cfg['dataset']} / {record['scenario']} / {cfg['architecture']}, seeds {list(cfg['seeds'])}\n")
     print(markdown_table(record))
-    for name in ("eupmu", "eupmu-paper", "eupmu-reference"):
+    for name in ("eupmu", *EUPMU_PRESETS):
         lines = target_check(record, name)
         if lines:
             print(f"\ntarget check for {name}:\n  " + "\n  ".join(lines))
@@ -342,7 +355,7 @@ def sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .methods import resolve
 
     check_sweep_arguments(args.parser, args)
-    cfg = benchmark_config(args, methods=tuple(resolve(m).name for m in args.methods), seeds=tuple(args.seeds),
+    cfg = benchmark_config(args, methods=tuple(resolve(m, image=True).name for m in args.methods), seeds=tuple(args.seeds),
                            schedule=Schedule(epochs=args.epochs), cache_dir=args.cache_dir)
     with torch_threads(args.threads):
         return sweep_module.run(cfg, args.lrs, args.out, " ".join([f"{PROG} sweep", *argv[1:]]), args.quiet)
@@ -395,7 +408,7 @@ def suite_protocols(args: argparse.Namespace) -> list:
     from .methods import resolve
 
     scenarios = args.scenarios or DEFAULT_SCENARIOS[args.dataset]
-    methods = tuple(resolve(m).name for m in args.methods)
+    methods = tuple(resolve(m, image=True).name for m in args.methods)
     defaults = DEFAULT_TUNING[args.dataset]
     if args.tuning_seeds is None:
         args.tuning_seeds = defaults["tuning_seeds"]
@@ -420,7 +433,7 @@ def suite(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .methods import resolve
 
     parser = args.parser
-    cli_args.check_distinct(parser, "--methods", args.methods, resolve)
+    cli_args.check_distinct(parser, "--methods", args.methods, partial(resolve, image=True))
     cli_args.check_directory_or_absent(parser, "--cache-dir", args.cache_dir)
     try:
         protocols = suite_protocols(args)

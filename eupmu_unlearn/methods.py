@@ -32,9 +32,11 @@ l1-sparse         plain     retain     none          l1         FT + decaying l1
 ================  ========  =========  ============  =========  ==================================
 
 "application" means the application's default forget loss: random-label cross-entropy on
-classes, NPO on text (:mod:`eupmu_unlearn.losses`). ``eupmu`` names the default dual preset
-(``eupmu-reference``, the better one on the end-to-end benchmark). Spellings of earlier versions
-are accepted as aliases (:data:`OLD_SPELLINGS`).
+classes, NPO on text (:mod:`eupmu_unlearn.losses`). ``eupmu`` names each application's default
+EUPMU configuration: ``eupmu-length`` on the image benchmark (protocol v2's choice there), the
+default dual preset ``eupmu-reference`` elsewhere (the LLM pipeline, the Hugging Face
+integration), or the preset of an explicit ``dual``. Spellings of earlier versions are accepted as
+aliases (:data:`OLD_SPELLINGS`).
 
 ``eupmu-length`` is ``eupmu-reference`` with its err fixed at 0.03 and the run length as its tuned
 knob (5, 10 or 20 passes over the retain set): with the other methods' 5 passes the reference
@@ -61,6 +63,7 @@ from typing import Any
 FAMILIES = ("implicit", "explicit", "plain")
 PLAIN_OBJECTIVES = ("forget", "retain", "relabel")
 DEFAULT_DUAL = "reference"
+IMAGE_EUPMU = "eupmu-length"  # what ``eupmu`` means on the image benchmark
 LR_GRID = (0.0003, 0.001, 0.003, 0.01)
 
 
@@ -123,21 +126,28 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("l1-sparse", "l1-sparse", "plain", "retain", None, "l1", (0.003, 0.01, 0.03), (0.01, 0.01),
            image_only=True),
 )}
+EUPMU_PRESETS = tuple(name for name in METHODS if name.startswith("eupmu-"))
+BASELINES = tuple(name for name in METHODS if name not in EUPMU_PRESETS)
 OLD_SPELLINGS = {"eupmu_implicit": "eupmu", "eupmu_explicit": "ungrad", "npo_graddiff": "npo-graddiff"}
 
 
-def resolve(name: str, dual: str = DEFAULT_DUAL) -> Method:
-    """The method behind a name, ``eupmu`` (the ``dual`` preset) or an old spelling."""
+def resolve(name: str, dual: str | None = None, *, image: bool = False) -> Method:
+    """The method behind a name or an old spelling. ``eupmu`` is the ``dual`` preset when ``dual``
+    is given, else the application's default: :data:`IMAGE_EUPMU` on the image benchmark
+    (``image``), the :data:`DEFAULT_DUAL` preset elsewhere."""
     key = OLD_SPELLINGS.get(name, name)
     if key == "eupmu":
-        key = f"eupmu-{dual}"
+        if dual is not None:
+            key = f"eupmu-{dual}"
+        else:
+            key = IMAGE_EUPMU if image else f"eupmu-{DEFAULT_DUAL}"
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(names())}")
     return METHODS[key]
 
 
 def names(methods: tuple[Method, ...] | None = None) -> tuple[str, ...]:
-    """``eupmu`` (the default dual preset) and the canonical names of ``methods`` (default: all)."""
+    """``eupmu`` (the application's default configuration) and the canonical names of ``methods`` (default: all)."""
     chosen = tuple(METHODS.values()) if methods is None else methods
     return ("eupmu", *(m.name for m in chosen))
 

@@ -187,6 +187,9 @@ def test_dry_run_resolves_the_hyperparameters_and_does_nothing_else(tmp_path, ca
     sources = {name: row["hyper_source"] for name, row in shown["methods"].items()}
     assert sources == {"eupmu": "package selection digits/class/mlp", "ungrad": "package selection digits/class/mlp",
                        "npo": "built-in default"}
+    # on the image benchmark eupmu is eupmu-length: the stored choice has the run length as its knob
+    assert shown["methods"]["eupmu"]["label"] == METHODS["eupmu-length"].label
+    assert set(shown["methods"]["eupmu"]["hyper"]) == {"lr", "epochs"}
     assert shown["config"]["selection_path"] is None and work == [] and not out.exists()
 
 
@@ -257,7 +260,7 @@ def test_table_prints_a_result(tmp_path, capsys) -> None:
 SWEEP_CASES = {
     "bad lr grid": (["--lrs", "0.01,-1"], "--lrs", "must be > 0, got -1"),
     "unknown method": (["--methods", "ft,nosuch"], "--methods", "unknown method 'nosuch'"),
-    "method twice through its alias": (["--methods", "eupmu,eupmu-reference"], "--methods", "twice"),
+    "method twice through its alias": (["--methods", "eupmu,eupmu-length"], "--methods", "twice"),
     "forget class": (["--forget-class", "10"], "--forget-class", "[0, 9]"),
     "seeds": (["--seeds", "1.5"], "--seeds", "must be an integer"),
     "epochs": (["--epochs", "0"], "--epochs", "must be >= 1"),

@@ -241,6 +241,13 @@ def test_every_method_runs_and_records(name, tiny_scenario):
 def test_method_names():
     assert methods.resolve("eupmu").name == f"eupmu-{methods.DEFAULT_DUAL}"
     assert methods.resolve("eupmu", dual="paper").name == "eupmu-paper"
+    # the image benchmark's eupmu is its protocol-v2 configuration; an explicit dual still picks the preset
+    assert methods.resolve("eupmu", image=True).name == methods.IMAGE_EUPMU == "eupmu-length"
+    assert methods.resolve("eupmu", dual="reference", image=True).name == "eupmu-reference"
+    assert methods.resolve("eupmu_implicit", image=True).name == "eupmu-length"
+    assert set(methods.EUPMU_PRESETS) == {"eupmu-paper", "eupmu-reference", "eupmu-length"}
+    assert not set(methods.BASELINES) & set(methods.EUPMU_PRESETS)
+    assert set(methods.BASELINES) | set(methods.EUPMU_PRESETS) == set(methods.METHODS)
     assert methods.resolve("eupmu_explicit").name == "ungrad" and methods.resolve("npo_graddiff").name == "npo-graddiff"
     with pytest.raises(ValueError, match="unknown method"):
         methods.resolve("nope")

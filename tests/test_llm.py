@@ -25,7 +25,7 @@ from eupmu_unlearn.llm.scoring import answer_logprobs, greedy_answers, score_spl
 from eupmu_unlearn.llm.tokens import (IGNORE_INDEX, causal_lm_loss, encode_example,  # noqa: E402
                                       scored_tokens, sequence_log_prob, text_forget_loss)
 from eupmu_unlearn.llm.training import (METHODS, SUPPORTED, FinetuneConfig, UnlearnConfig, finetune,  # noqa: E402
-                                        qa_batch, unlearn)
+                                        qa_batch, resolve, unlearn)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -259,6 +259,30 @@ def test_validation_rule_picks_the_most_forgetting_within_the_utility_bound():
     assert select(rows[:1], target_utility=0.64)["options"] == "a"  # nothing within: the highest utility
     assert select(rows, target_utility=0.70)["options"] == "d"
     assert {"lr", "dual_lr"} <= set(points("eupmu-paper")[0]) and len(points("ga")) == 3
+
+
+def test_eupmu_names_the_dual_preset_that_validation_chose():
+    from eupmu_unlearn.llm import pipeline
+    from eupmu_unlearn.llm.tuning import choose_dual
+
+    def row(fq, mu):
+        return {"options": {}, "forget_quality": fq, "model_utility": mu}
+
+    result = {"target_utility": 0.64, "slack": 0.01,
+              "points": {"eupmu-reference": [row(0.9, 0.5), row(0.2, 0.65)], "eupmu-paper": [row(0.6, 0.635)],
+                         "ga": [row(1.0, 0.7)]}}
+    assert choose_dual(result) == "paper"  # 0.9 forgets more but costs too much utility; ga is no preset
+    result["points"]["eupmu-reference"].append(row(0.6, 0.64))  # same quality, more utility
+    assert choose_dual(result) == "reference"
+    assert choose_dual({"target_utility": 0.6, "points": {"ga": [row(1.0, 0.7)]}}) is None
+    # the shipped choice reaches the tiny model's runs through the CLI; --dual still wins
+    shipped = pipeline.tuned_tiny_dual()
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--model", "tiny"]))
+    assert cfg.unlearn.dual == shipped and resolve("eupmu", cfg.unlearn).name == f"eupmu-{shipped}"
+    other = "reference" if shipped == "paper" else "paper"
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--model", "tiny", "--dual", other]))
+    assert resolve("eupmu", cfg.unlearn).name == f"eupmu-{other}"
+    assert cli.config_from_args(cli.build_parser().parse_args([])).unlearn.dual == "reference"
 
 
 def test_text_runs_every_method_but_random_labels():

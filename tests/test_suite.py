@@ -65,25 +65,32 @@ def test_suite_dry_run_prints_the_protocol_and_does_no_work(tmp_path, capsys, mo
     assert shown[0]["reported_runs"] == len(suite.SUITE_METHODS) * 30
 
 
+def test_suite_jobs_default_to_the_usable_cores_capped(monkeypatch):
+    for cores, jobs in ((1, 1), (2, 2), (64, cli.MAX_DEFAULT_JOBS)):
+        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
+        assert cli.default_jobs() == jobs
+        assert cli.build_parser().parse_args(["suite"]).jobs == jobs
+
+
 def test_tiny_suite_writes_the_run_layout(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     selection = tmp_path / "hparams.json"
     assert cli.main(["suite", "--tiny", "--methods", "eupmu,salun,rl", "--quiet", "--no-plot", "--out", str(out),
-                     "--cache-dir", str(cache), "--selection-out", str(selection)]) == 0
+                     "--cache-dir", str(cache), "--selection-out", str(selection), "--jobs", "1"]) == 0
     record = json.loads((out / "suite_digits_class.json").read_text())
     assert record["config"]["protocol_version"] == 2 and record["protocol"]["note"]
     assert record["contexts"] == [{"seed": 0, "forget_class": 0}, {"seed": 0, "forget_class": 1}]
     assert record["reference"]["retrain"]["mean"]["gap"] == 0.0
-    for name in ("eupmu-reference", "salun"):  # "eupmu" is recorded under its preset's name
+    for name in ("eupmu-length", "salun"):  # "eupmu" is recorded under the benchmark's EUPMU configuration
         row = record["methods"][name]
         assert len(row["per_seed"]) == 2 and set(row["per_target"]) == {"0", "1"}
         assert row["mean"]["gap"] == pytest.approx(sum(r["gap"] for r in row["per_seed"]) / 2)
         assert len(record["chosen"][name]["folds"]) == 2
     assert [p["knob"] for p in record["tuning"]["rl"]] == [2, 5, 10]  # one lr (tiny), rl's lengths
-    assert record["summary"]["eupmu_default_by_tuning"] == "eupmu-reference"  # the only preset it ran
+    assert record["summary"]["eupmu_default_by_tuning"] == "eupmu-length"  # the only preset it ran
     assert "| Method" in capsys.readouterr().out
     stored = json.loads(selection.read_text())["selections"]["digits/class/mlp"]
-    assert stored["protocol_version"] == 2 and set(stored["methods"]) == {"eupmu-reference", "salun", "rl"}
+    assert stored["protocol_version"] == 2 and set(stored["methods"]) == {"eupmu-length", "salun", "rl"}
     capsys.readouterr()
     path = str(out / "suite_digits_class.json")
     assert cli.main(["table", path, path]) == 0  # the run layout: table reads it, and adds the suite tables

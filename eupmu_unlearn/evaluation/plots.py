@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TRAJECTORY_METHODS = ("eupmu", "eupmu-paper", "eupmu-reference")
+from ..methods import EUPMU_PRESETS
+
+TRAJECTORY_METHODS = ("eupmu", *EUPMU_PRESETS)
 
 
 def plot_tradeoff(record: dict[str, Any], path: Path) -> Path:

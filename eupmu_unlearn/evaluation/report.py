@@ -6,13 +6,12 @@ import math
 from typing import Any
 
 from ..memory import FIELD as MEMORY_FIELD
+from ..methods import BASELINES
 from ..tables import markdown_table as render
 
 COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("gap", "Avg. gap ↓"),
            ("RTE", "RTE (s)"), (MEMORY_FIELD, "Peak tensor memory (MiB)"))
 DECIMALS = {"RTE": 2, MEMORY_FIELD: 3}
-EUPMU_NAMES = ("eupmu", "eupmu-paper", "eupmu-reference")
-BASELINES = ("ungrad", "pcgrad", "graddiff", "famo", "ga", "rl", "ft")
 
 
 # Top-level keys that identify the JSON files the project's other tools write.

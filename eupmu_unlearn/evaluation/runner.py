@@ -189,12 +189,12 @@ def choose_all(cfg: BenchmarkConfig) -> dict[str, ChosenHyper]:
     """Each method's hyperparameters and where they came from, by the name ``cfg`` gives it."""
     selections = Selections.for_run(cfg.selection_path, display_path(cfg.selection_path))
     key = selection_key(cfg.dataset, cfg.scenario, cfg.arch)
-    return {name: choose(resolve(name), selections, key, cfg.lr, cfg.tolerance) for name in cfg.methods}
+    return {name: choose(resolve(name, image=True), selections, key, cfg.lr, cfg.tolerance) for name in cfg.methods}
 
 
 def run_benchmark(cfg: BenchmarkConfig, progress: Progress | None = None) -> dict[str, Any]:
     """All seeds and methods of ``cfg``; see the module docstring for the record's layout."""
-    specs = [(name, resolve(name)) for name in cfg.methods]
+    specs = [(name, resolve(name, image=True)) for name in cfg.methods]
     chosen = choose_all(cfg)
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in ("retrain", "original", *chosen)}
     trajectories: dict[str, dict[str, Any]] = {}

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..cli_args import display_path, write_text_atomic
-from ..methods import LR_GRID, Hyper, Method, resolve
+from ..methods import EUPMU_PRESETS, LR_GRID, Hyper, Method, resolve
 from .data import NUM_CLASSES
 from .metrics import GAP_KEYS, mean_std
 from .models import DEFAULT_ARCHITECTURE
@@ -52,7 +52,6 @@ REPORTED_SUBSETS = (0, 1, 2)
 TUNING_SUBSETS = (100, 101)
 SUITE_METHODS = ("eupmu-paper", "eupmu-reference", "eupmu-length", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
                  "rl", "salun", "ft", "l1-sparse")
-EUPMU_PRESETS = ("eupmu-paper", "eupmu-reference", "eupmu-length")
 DEFAULT_SCENARIOS = {"digits": ("class",), "mnist1d": ("class", "random")}
 # The default tuning budget per dataset, sized for 30 minutes on 2 cores (--jobs 2): MNIST-1D runs
 # cost ~17x digits runs, so it tunes on one seed and, class-wise, on one class of the other fold.
@@ -125,7 +124,7 @@ class Protocol:
         return [Hyper(lr, knob) for lr in self.lr_grid for knob in method.knob_grid]
 
     def runs(self) -> dict[str, int]:
-        points = sum(len(self.grid(resolve(m))) for m in self.methods)
+        points = sum(len(self.grid(resolve(m, image=True))) for m in self.methods)
         return {"tuning_runs": points * len(self.tuning), "reported_runs": len(self.methods) * len(self.reported),
                 "contexts": len(self.tuning) + len(self.reported)}
 
@@ -138,7 +137,7 @@ class Protocol:
                 "architecture": self.architecture,
                 "folds": [fold.to_dict(self.scenario) for fold in self.folds],
                 "methods": list(self.methods), "lr_grid": list(self.lr_grid),
-                "knob_grids": {m: {"knob": resolve(m).knob, "values": list(resolve(m).knob_grid)}
+                "knob_grids": {m: {"knob": resolve(m, image=True).knob, "values": list(resolve(m, image=True).knob_grid)}
                                for m in self.methods},
                 "epochs": self.epochs, "train_epochs": self.train_epochs, "criterion": CRITERION,
                 "tuning_heldout": "val", "reported_heldout": "test", "note": self.note, **self.runs()}
@@ -178,7 +177,7 @@ def make_protocol(dataset: str, scenario: str, *, methods: Sequence[str] = SUITE
         folds = random_folds(reported_seeds, tuning_seeds, reported_subsets, tuning_subsets)
     else:
         raise ValueError(f"scenario must be class or random, got {scenario!r}")
-    protocol = Protocol(dataset, scenario, folds, tuple(resolve(m).name for m in methods), tuple(lr_grid), epochs,
+    protocol = Protocol(dataset, scenario, folds, tuple(resolve(m, image=True).name for m in methods), tuple(lr_grid), epochs,
                         train_epochs, note)
     protocol.check_disjoint()
     return protocol
@@ -212,7 +211,7 @@ def _prepared(protocol: Protocol, context: Context, heldout: str, cache_dir: Pat
 def _tune_item(protocol: Protocol, name: str, lr: float, cache_dir: Path | None,
                device: str) -> dict[float, list[dict[str, float]]]:
     """One method at one learning rate on every tuning context: knob value -> metrics per context."""
-    spec = resolve(name)
+    spec = resolve(name, image=True)
     runs: dict[float, list[dict[str, float]]] = {k: [] for k in spec.knob_grid}
     for c in protocol.tuning:
         ctx = _prepared(protocol, c, "val", cache_dir, device)
@@ -234,7 +233,7 @@ def _report_item(protocol: Protocol, context: Context, picks: dict[str, dict[str
     out = {"retrain": ctx.retrain_metrics.to_dict(), "original": ctx.original_metrics.to_dict()}
     for name in protocol.methods:
         pick = picks[name]
-        out[name] = run_method(ctx, resolve(name), Hyper(pick["lr"], pick["knob"]), bench).metrics.to_dict()
+        out[name] = run_method(ctx, resolve(name, image=True), Hyper(pick["lr"], pick["knob"]), bench).metrics.to_dict()
     _PREPARED.pop((context, "test"), None)
     return out
 
@@ -281,7 +280,7 @@ def tune(protocol: Protocol, cache_dir: Path | None, device: str = "cpu", progre
         points = []
         for lr in protocol.lr_grid:
             runs = next(results)
-            points.extend({"lr": lr, "knob": k, "runs": runs[k]} for k in resolve(name).knob_grid)
+            points.extend({"lr": lr, "knob": k, "runs": runs[k]} for k in resolve(name, image=True).knob_grid)
         grids[name] = points
     return grids
 
@@ -291,7 +290,7 @@ def choose(protocol: Protocol, grids: dict[str, list[dict[str, Any]]]) -> dict[s
     order = {c: i for i, c in enumerate(protocol.tuning)}
     chosen: dict[str, Any] = {}
     for name, points in grids.items():
-        spec = resolve(name)
+        spec = resolve(name, image=True)
 
         def best(contexts: Sequence[Context]) -> dict[str, Any]:
             scored = [(float(np.mean([p["runs"][order[c]]["gap"] for c in contexts])), i) for i, p in enumerate(points)]
@@ -316,7 +315,7 @@ def report(protocol: Protocol, chosen: dict[str, Any], cache_dir: Path | None, d
                  "original": _row("Original (no unlearning)", "reference", None, "", per_context["original"])}
     methods = {}
     for name in protocol.methods:
-        spec = resolve(name)
+        spec = resolve(name, image=True)
         hyper = [{"lr": pick["lr"], spec.knob or "knob": pick["knob"]} for pick in chosen[name]["folds"]]
         row = _row(spec.label, spec.family, hyper, f"protocol v{VERSION}: tuned per fold on its tuning contexts "
                    "(validation split)", per_context[name])

@@ -45,7 +45,7 @@ def sweep(cfg: BenchmarkConfig, lr_grid: Sequence[float] = LR_GRID,
     contexts = [prepare_seed(bench, seed) for seed in bench.seeds]
     chosen: dict[str, Any] = {}
     for name in bench.methods:
-        spec = resolve(name)
+        spec = resolve(name, image=True)
         grid = [_grid_point(spec, Hyper(lr, knob), contexts, bench, progress)
                 for lr in lr_grid for knob in spec.knob_grid]
         best = min(grid, key=lambda point: point["val_gap"])  # ties: the earlier grid point
@@ -78,7 +78,7 @@ def _schedule_dict(schedule: Schedule) -> dict[str, Any]:
 
 def run(cfg: BenchmarkConfig, lr_grid: Sequence[float], out: Path, command: str, quiet: bool = False) -> int:
     """Sweep, store the winners under the run's key in ``out`` and print them."""
-    units = sum(len(lr_grid) * len(resolve(m).knob_grid) for m in cfg.methods)
+    units = sum(len(lr_grid) * len(resolve(m, image=True).knob_grid) for m in cfg.methods)
     with progress_bar(units, "sweep", enabled=not quiet) as progress:
         entry = sweep(cfg, lr_grid, progress)
     key = selection_key(cfg.dataset, cfg.scenario, cfg.arch)

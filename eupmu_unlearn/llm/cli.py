@@ -32,7 +32,10 @@ def methods_epilog() -> str:
     from .trainer import TRAINER_METHODS
     from .training import DEFAULT_FORGET_LOSS, SUPPORTED, UPDATE_SPACE_METHODS
 
-    return (f"methods ('eupmu' is eupmu-reference, or the preset --dual names):\n"
+    from .pipeline import tuned_tiny_dual
+
+    return (f"methods ('eupmu' is the preset --dual names; by default eupmu-{tuned_tiny_dual()} with --model tiny, "
+            f"the validation split's choice, and eupmu-{methods.DEFAULT_DUAL} with smollm2):\n"
             f"{methods.describe(SUPPORTED, DEFAULT_FORGET_LOSS)}\n"
             f"UNGrad in update space (the constraint on the update AdamW applies): {', '.join(UPDATE_SPACE_METHODS)}\n"
             f"through the Hugging Face Trainer integration: {', '.join(TRAINER_METHODS)}\n"
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=cli_args.real(), default=None,
                    help="EUPMU tolerance epsilon (>= 0 for ungrad)")
     p.add_argument("--dual", choices=("paper", "reference"), default=None,
-                   help="the dual preset that the name eupmu stands for (default reference)")
+                   help="the dual preset that the name eupmu stands for (default: the validation split's choice "
+                        "with --model tiny, reference with smollm2)")
     p.add_argument("--dual-lr", type=cli_args.positive, default=None, help="implicit-mode multiplier step size")
     p.add_argument("--epochs", type=cli_args.integer(1), default=None, help="fine-tuning epochs of target and oracle")
     p.add_argument("--threads", type=cli_args.integer(1), default=None,

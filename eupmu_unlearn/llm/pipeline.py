@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..memory import FIELD as MEMORY_FIELD
+from ..methods import DEFAULT_DUAL
 from ..memory import peak_tensor_mib
 from . import tofu
 from .codec import ChatCodec, Codec, WordCodec
@@ -97,15 +98,23 @@ TINY_METHODS = ("ga", "graddiff", "npo", "npo-graddiff", "simnpo", "eupmu-refere
                 "ungrad-update")
 
 
-def tuned_tiny() -> dict[str, dict[str, Any]]:
-    """The tiny model's per-method values chosen on the validation split (package data), or none."""
+def _tuned_tiny_file() -> dict[str, Any]:
     import json
     from importlib import resources
 
     path = resources.files("eupmu_unlearn") / "data" / "llm_tiny_tuned.json"
-    if not path.is_file():
-        return {}
-    return {name: dict(values) for name, values in json.loads(path.read_text())["per_method"].items()}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def tuned_tiny() -> dict[str, dict[str, Any]]:
+    """The tiny model's per-method values chosen on the validation split (package data), or none."""
+    return {name: dict(values) for name, values in _tuned_tiny_file().get("per_method", {}).items()}
+
+
+def tuned_tiny_dual() -> str:
+    """The dual preset that ``eupmu`` names on the tiny model: the validation split's choice
+    (:func:`eupmu_unlearn.llm.tuning.choose_dual`), else the optimizer's default."""
+    return _tuned_tiny_file().get("eupmu_dual") or DEFAULT_DUAL
 
 
 def tiny_config(seed: int = 0) -> PipelineConfig:
@@ -113,7 +122,7 @@ def tiny_config(seed: int = 0) -> PipelineConfig:
     return PipelineConfig(
         seed=seed, model="tiny", n_rehearsal=0, max_new_tokens=24, methods=TINY_METHODS,
         finetune=FinetuneConfig(epochs=40, batch_size=8, lr=3e-3, warmup_steps=10, seed=seed),
-        unlearn=UnlearnConfig(seed=seed, **TINY_UNLEARN, per_method=tuned_tiny()))
+        unlearn=UnlearnConfig(seed=seed, **TINY_UNLEARN, dual=tuned_tiny_dual(), per_method=tuned_tiny()))
 
 
 def quick_config(seed: int = 0, model: str = "smollm2") -> PipelineConfig:

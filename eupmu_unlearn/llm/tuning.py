@@ -34,6 +34,7 @@ from .pipeline import (PipelineConfig, evaluate, finetuned, make_data, model_ent
                        run_method, tiny_base, tiny_config)
 
 UTILITY_SLACK = 0.01
+DUAL_PRESETS = ("reference", "paper")
 VALIDATION_SEEDS = (100, 101)
 
 LRS = (1e-4, 3e-4, 1e-3)
@@ -45,7 +46,7 @@ GRID: dict[str, dict[str, tuple[Any, ...]]] = {
     "npo-graddiff": {"graddiff_alpha": (1.0, 3.0)},
     "simnpo": {"graddiff_alpha": (1.0, 3.0), "simnpo_beta": (2.5,)},
     "eupmu-reference": {"dual_lr": (0.01, 0.03, 0.1, 0.3, 1.0)},
-    "eupmu-paper": {"dual_lr": (0.01, 0.1, 1.0)},
+    "eupmu-paper": {"dual_lr": (0.01, 0.1, 1.0), "w_init": (0.0, 3.0)},
     "ungrad": {"tolerance": (0.0, 0.1)},
     "ungrad-update": {"tolerance": (0.0, 0.1)},
 }
@@ -109,6 +110,16 @@ def select(rows: list[dict[str, Any]], target_utility: float, slack: float = UTI
     return max(rows, key=lambda r: r["model_utility"])
 
 
+def choose_dual(result: dict[str, Any]) -> str | None:
+    """The dual preset the name ``eupmu`` stands for: the one whose points hold the rule's choice
+    over both presets' points together (None when the search ran neither preset)."""
+    rows = [(preset, row) for preset in DUAL_PRESETS for row in result["points"].get(f"eupmu-{preset}", ())]
+    if not rows:
+        return None
+    best = select([row for _, row in rows], result["target_utility"], result.get("slack", UTILITY_SLACK))
+    return next(preset for preset, row in rows if row is best)
+
+
 def search(methods: Sequence[str], seeds: Sequence[int], cache_dir: Path,
            progress: Callable[[str], None] = print) -> dict[str, Any]:
     prepared = []
@@ -169,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_args.write_text_atomic(args.out / "llm_tiny_tuned.json",
                                json.dumps({"split": "validation", "seeds": list(args.seeds),
                                            "rule": f"max mean forget quality s.t. mean utility >= target - "
-                                                   f"{UTILITY_SLACK}", "per_method": result["per_method"]},
+                                                   f"{UTILITY_SLACK}", "eupmu_dual": choose_dual(result),
+                                           "per_method": result["per_method"]},
                                           indent=2) + "\n")
     print(json.dumps(result["per_method"], indent=2))
     return 0
