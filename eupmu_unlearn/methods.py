@@ -33,9 +33,10 @@ l1-sparse         plain     retain     none          l1         FT + decaying l1
 
 "application" means the application's default forget loss: random-label cross-entropy on
 classes, NPO on text (:mod:`eupmu_unlearn.losses`). ``eupmu`` names each application's default
-EUPMU configuration: ``eupmu-length`` on the image benchmark (protocol v2's choice there), the
-default dual preset ``eupmu-reference`` elsewhere (the LLM pipeline, the Hugging Face
-integration), or the preset of an explicit ``dual``. Spellings of earlier versions are accepted as
+EUPMU configuration: ``eupmu-length`` on the image benchmark (protocol v2's choice there), else
+the preset of the ``dual`` the caller passes (the LLM pipeline passes its ``--dual``, by default
+the one its validation search chose for the tiny model) or the default dual preset
+``eupmu-reference`` (the Hugging Face integration). Spellings of earlier versions are accepted as
 aliases (:data:`OLD_SPELLINGS`).
 
 ``eupmu-length`` is ``eupmu-reference`` with its err fixed at 0.03 and the run length as its tuned

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..memory import FIELD as MEMORY_FIELD
-from ..methods import DEFAULT_DUAL
 from ..memory import peak_tensor_mib
+from ..methods import DEFAULT_DUAL
 from . import tofu
 from .codec import ChatCodec, Codec, WordCodec
 from .data import REHEARSAL_QUESTIONS, MiniTofu, QAItem, check_split, make_mini_tofu, rehearsal_item
