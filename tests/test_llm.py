@@ -426,3 +426,36 @@ def test_quick_pipeline_on_smollm2(tmp_path):
         metrics = models[name]["metrics"]
         assert metrics["forget"]["probability"] < models["target"]["metrics"]["forget"]["probability"]
         assert math.isfinite(metrics["model_utility"]) and 0 <= metrics["forget_quality"] <= 1
+
+
+def test_memory_is_probed_on_a_separate_copy_over_the_first_steps(monkeypatch):
+    """The CPU profiler keeps every record of its block (about 0.5 GB per SmolLM2 step): a whole
+    run under it exhausted a 24 GB machine, so only a short run on another copy is profiled."""
+    from eupmu_unlearn.llm import pipeline
+    from eupmu_unlearn.llm.training import UnlearnTrace
+    from eupmu_unlearn.memory import PROBE_STEPS
+
+    calls, probed = [], []
+
+    def fake_run(method, model, codec, forget, retain, cfg):
+        calls.append((id(model), cfg.steps, bool(probed and probed[-1] == "open")))
+        return UnlearnTrace()
+
+    def fake_probe(fn, device):
+        probed.append("open")
+        result = fn()
+        probed.append("closed")
+        return result, 12.5
+
+    monkeypatch.setattr(pipeline, "run_method", fake_run)
+    monkeypatch.setattr(pipeline, "peak_tensor_mib", fake_probe)
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "model_entry", lambda *a, **k: {})
+    cfg = PipelineConfig(unlearn=UnlearnConfig(steps=15))
+    target = torch.nn.Linear(2, 2)
+    data = make_mini_tofu(seed=0, n_authors=4)
+    entry = pipeline.unlearn_and_score("ga", target, None, data, {}, [], cfg, torch.device("cpu"))
+    (timed_model, timed_steps, timed_profiled), (probe_model, probe_steps, probe_profiled) = calls
+    assert (timed_steps, timed_profiled) == (15, False) and (probe_steps, probe_profiled) == (PROBE_STEPS, True)
+    assert timed_model != probe_model != id(target)
+    assert entry["unlearn"]["peak_tensor_mib"] == 12.5 and entry["unlearn"]["seconds"] >= 0

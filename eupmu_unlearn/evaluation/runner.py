@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..memory import peak_tensor_mib
+from ..memory import PROBE_STEPS, peak_tensor_mib
 from .data import ClassificationData, Scenario, Split, load_dataset, make_scenario
 from ..cli_args import display_path
 from ..methods import Hyper, Method, resolve
@@ -34,7 +34,6 @@ from .unlearning import Schedule, total_steps, unlearn
 
 DEFAULT_METHODS = ("eupmu-paper", "eupmu-reference", "eupmu-length", "ungrad", "ungrad-update", "pcgrad", "graddiff", "famo", "ga",
                    "rl", "salun", "ft", "l1-sparse")
-MEMORY_STEPS = 3
 Progress = Callable[[str], None]
 
 
@@ -180,7 +179,7 @@ def _peak_memory(ctx: SeedContext, spec: Method, hyper: Hyper, cfg: BenchmarkCon
 
     def work() -> None:
         unlearn(spec, hyper, model, ctx.scenario, ctx.data.num_classes, cfg.schedule, ctx.seed,
-                max_steps=MEMORY_STEPS)
+                max_steps=PROBE_STEPS)
 
     return peak_tensor_mib(work, next(model.parameters()).device)[1]
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..memory import FIELD as MEMORY_FIELD
-from ..memory import peak_tensor_mib
+from ..memory import PROBE_STEPS, peak_tensor_mib
 from ..methods import DEFAULT_DUAL
 from . import tofu
 from .codec import ChatCodec, Codec, WordCodec
@@ -304,20 +304,21 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | None, cache_dir: Path | No
 def unlearn_and_score(method: str, target: torch.nn.Module, codec: Codec, data: MiniTofu,
                       splits: dict[str, Sequence[QAItem]], oracle_ratios: Sequence[float], cfg: PipelineConfig,
                       device: torch.device) -> dict[str, Any]:
-    """Unlearn from a copy of the target (timed, its peak tensor memory measured), then score the copy.
-
-    The time is taken inside the memory probe: it includes the probe's small per-operator cost,
-    not the processing of its records."""
+    """Unlearn from a copy of the target (timed), then score the copy. The peak tensor memory is
+    measured on another copy over the first :data:`~eupmu_unlearn.memory.PROBE_STEPS` steps, after
+    the timed run, so the time carries no profiler cost."""
+    options = cfg.unlearn.for_method(method)
     model = copy.deepcopy(target)
-
-    def timed_run() -> tuple[UnlearnTrace, float]:
-        start = time.perf_counter()
-        trace = run_method(method, model, codec, data.forget, data.retain, cfg.unlearn.for_method(method))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return trace, time.perf_counter() - start
-
-    (trace, seconds), peak_mib = peak_tensor_mib(timed_run, device)
+    start = time.perf_counter()
+    trace = run_method(method, model, codec, data.forget, data.retain, options)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    probe_copy = copy.deepcopy(target)
+    probe_options = dataclasses.replace(options, steps=min(options.steps, PROBE_STEPS))
+    _, peak_mib = peak_tensor_mib(lambda: run_method(method, probe_copy, codec, data.forget, data.retain,
+                                                     probe_options), device)
+    del probe_copy
     entry = model_entry(evaluate(model, codec, splits, cfg), oracle_ratios)
     entry["unlearn"] = {"seconds": seconds, MEMORY_FIELD: peak_mib, "options": cfg.unlearn.per_method.get(method, {})}
     entry["trace"] = dataclasses.asdict(trace)
