@@ -31,7 +31,7 @@ from .. import contract
 from ..contract import COEF_LEN, StepHyper, SurgeryConfig, rule_codes
 from ..contract import CLIP_EPS, CLIP_ITERATIONS, TERMS_LEN
 from .common import DBL_MAX, FLT_MAX, aligned, masked_offsets, tl_dtype
-from .gramian import load_f32
+from .gramian import _total, load_f32
 from .tables import BLOCK, TensorTable
 from .update import POWER_BITS, _int_power, split_beta
 
@@ -57,14 +57,6 @@ RULE_ADAMW: tl.constexpr = tl.constexpr(RULE_CODE["adamw"])
 FINISH_BLOCK = 1024
 NUM_WARPS = 8
 FINISH_WARPS = 4
-
-
-@triton.jit
-def _total(x, FAST: tl.constexpr):
-    if FAST:
-        return tl.sum(x, axis=0)
-    else:
-        return tl.sum(tl.sum(x, axis=1), axis=0)
 
 
 @triton.jit

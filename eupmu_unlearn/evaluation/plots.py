@@ -32,10 +32,17 @@ def plot_tradeoff(record: dict[str, Any], path: Path) -> Path:
     _draw_steps(ax_steps, record, colors)
     fig.suptitle(f"{record['config']['dataset']} ({record['config']['architecture']}): {record['scenario']}, "
                  f"mean ± std over {len(record['config']['seeds'])} seed(s)")
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

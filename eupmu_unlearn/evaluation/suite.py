@@ -455,6 +455,8 @@ def plot_gaps(record: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
+
     names = list(record["methods"])
     targets = sorted(record["methods"][names[0]]["per_target"], key=int)
     table = np.array([[record["methods"][n]["per_target"][t]["mean"]["gap"] for t in targets] for n in names])
@@ -481,12 +483,7 @@ def plot_gaps(record: dict[str, Any], path: Path) -> Path:
     cfg = record["config"]
     fig.suptitle(f"{cfg['dataset']} ({cfg['architecture']}): {record['scenario']}, seeds {cfg['seeds']}, "
                  f"protocol v{cfg['protocol_version']}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write(record: dict[str, Any], out: Path, plot: bool = True) -> list[Path]:
